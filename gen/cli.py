@@ -1,0 +1,200 @@
+"""The `gen` command line. Heavy imports (torch, onnxruntime, grpc) happen inside each command."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+class UserError(click.ClickException):
+    """One line on stderr, exit status 2, no traceback."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"gen: error: {self.format_message()}", err=True)
+
+
+def _user_errors():
+    """The exception types that are the user's to fix (bad options, bad data, diverged training)."""
+    from trainer.data import DataError
+    from trainer.loop import TrainingError
+    from trainer.models import ConfigError
+
+    return (ConfigError, DataError, TrainingError)
+
+
+def _parse_set(values: tuple[str, ...]) -> dict:
+    options = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item}: use KEY=VALUE, e.g. --set arch=mlp")
+        try:
+            options[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key.strip()] = raw  # a bare word: a string option such as arch=mlp
+    return options
+
+
+class TrainCommand(click.Command):
+    """Appends the presets and every family's options to `gen train --help`."""
+
+    def format_epilog(self, ctx, formatter):
+        import dataclasses
+
+        from trainer.models import FAMILY_NAMES, get_family
+        from trainer.presets import PRESETS
+
+        with formatter.section("Presets (NAME)"):
+            formatter.write_dl([(name, _describe_preset(p)) for name, p in PRESETS.items()])
+        for name in FAMILY_NAMES:
+            cls = get_family(name)
+            rows = []
+            for f in dataclasses.fields(cls.Config):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                rows.append((f"{f.name}={json.dumps(default)}", str(f.type)))
+            with formatter.section(f"--set options of {name} (trains on {cls.data_kind} data)"):
+                formatter.write_dl(rows)
+        with formatter.section("Data layouts (--data)"):
+            formatter.write_text(
+                "Embedded: mnist, digits (images); shapes (paired); stripes (unpaired). "
+                "Folders: DIR/<class>/*.png or DIR/*.png (vae, gan, diffusion); DIR/train/*.png with A|B "
+                "side by side, optional DIR/test/ (pix2pix); DIR/trainA, DIR/trainB, optional "
+                "DIR/testA, DIR/testB (cyclegan).")
+
+
+def _describe_preset(p: dict) -> str:
+    extra = " ".join(f"{k}={v}" for k, v in p.get("family_options", {}).items())
+    return f"{p['family']} on {p['data']}, {p['steps']} steps, batch {p['batch_size']}, lr {p['lr']} {extra}".strip()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="gen")
+def cli():
+    """Train generative image models, export them to ONNX, serve them over gRPC."""
+
+
+@cli.command(cls=TrainCommand)
+@click.argument("name")
+@click.option("--data", help="Embedded dataset name or a folder (see Data layouts). Default: the preset's.")
+@click.option("--image-size", type=int, help="Images are resized to SIZE x SIZE. [default: 32]")
+@click.option("--channels", type=click.Choice(["1", "3"]), help="1 greyscale, 3 RGB. [default: from the data]")
+@click.option("--direction", type=click.Choice(["AtoB", "BtoA"]), help="Paired/unpaired data: input side.")
+@click.option("--steps", type=int, help="Optimisation steps. [default: the preset's]")
+@click.option("--epochs", type=int, help="Train for whole passes over the data instead of --steps.")
+@click.option("--batch-size", type=int, help="Examples per step (per process under torchrun).")
+@click.option("--lr", type=float, help="Learning rate.")
+@click.option("--seed", type=int, help="Seed for weights, data order and noise. [default: 0]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
+@click.option("--run-dir", help="Where config, metrics, samples and checkpoints go. [default: runs/NAME]")
+@click.option("--sample-every", type=int, help="Steps between sample grids. [default: 500]")
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints. [default: 500]")
+@click.option("--log-every", type=int, help="Steps between metrics lines. [default: 10]")
+@click.option("--no-flip", is_flag=True, help="Translators: no random horizontal flips.")
+@click.option("--set", "set_", multiple=True, metavar="KEY=VALUE",
+              help="A family option (see below), e.g. --set arch=mlp --set loss=hinge. Repeatable.")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its checkpoint.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
+def train(name, set_, resume, progress, no_flip, **options):
+    """Train NAME, a preset or a family (vae, gan, pix2pix, cyclegan, diffusion).
+
+    With no --data it trains on the embedded default data. Writes config.json, metrics.jsonl,
+    samples/*.png and checkpoint.pt into --run-dir. Under torchrun it trains data-parallel
+    (DistributedDataParallel; nccl on CUDA, gloo on CPU).
+    """
+    from trainer.models import FAMILY_NAMES
+    from trainer.presets import PRESETS
+
+    if name not in PRESETS and name not in FAMILY_NAMES:
+        raise UserError(f"unknown model {name!r}: use a preset ({', '.join(PRESETS)}) "
+                        f"or a family ({', '.join(FAMILY_NAMES)})")
+    try:
+        from trainer.loop import TrainConfig, fit
+
+        preset = dict(PRESETS.get(name, {"family": name}))
+        family_options = {**preset.pop("family_options", {}), **_parse_set(set_)}
+        given = {k: v for k, v in options.items() if v is not None}
+        if "channels" in given:
+            given["channels"] = int(given["channels"])
+        if "epochs" in given:
+            preset.pop("steps", None)
+        config = TrainConfig(**{**preset, "run_dir": f"runs/{name}", **given, "family_options": family_options})
+        if no_flip:
+            config.flip = False
+        result = fit(config, resume=resume, progress=progress)
+    except _user_errors() as e:
+        raise UserError(str(e)) from None
+    losses = " ".join(f"{k}={v:.4f}" for k, v in result.losses.items())
+    click.echo(f"trained {result.steps} steps in {result.seconds} s: {losses}")
+    click.echo(f"run: {result.run_dir} (checkpoint.pt, samples/, metrics.jsonl, config.json)")
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--name", required=True, help="Model name in the repository ([a-z0-9][a-z0-9._-]*).")
+@click.option("--version", "version", type=int, help="Version number. [default: the next free one]")
+@click.option("--repo", default="exported", show_default=True, help="The model repository folder.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (17 to 21).")
+@click.option("--fp16", is_flag=True, help="Also write a half-precision variant of each graph (for CUDA).")
+@click.option("--max-batch-size", type=int, default=64, show_default=True, help="Serving default.")
+def export_cmd(run_dir, name, version, repo, opset, fp16, max_batch_size):
+    """Export a trained run to REPO/NAME/VERSION/ as verified ONNX graphs plus manifest.json.
+
+    Refuses to write a version whose graphs fail onnx.checker or differ from PyTorch by more than
+    1e-4 (fp16: 1e-2); diffusion models also pass a 50-step DDIM loop within 1e-3.
+    """
+    try:
+        from trainer.export import ExportError, export_model
+
+        path = export_model(run_dir, name, repo=repo, version=version, opset=opset, fp16=fp16,
+                            max_batch_size=max_batch_size, log=click.echo)
+    except (*_user_errors(), ExportError) as e:
+        raise UserError(str(e)) from None
+    click.echo(f"exported {path}")
+
+
+@cli.command("models")
+@click.option("--repo", default="exported", show_default=True, help="The model repository folder.")
+@click.option("--verify", is_flag=True, help="Re-hash every graph file and report broken models.")
+def models_cmd(repo, verify):
+    """List the model repository: name, versions, family, task, graphs, size."""
+    from pathlib import Path
+
+    from serve.manifest import scan_repository
+
+    root = Path(repo)
+    if not root.is_dir():
+        raise UserError(f"--repo {repo}: no such folder; export a model with `gen export RUN_DIR --name NAME`")
+    entries = scan_repository(root, verify=verify)
+    if not entries:
+        click.echo(f"{repo}: no models; export one with `gen export RUN_DIR --name NAME`")
+        return
+    click.echo(f"{'NAME':<24} {'VERSION':>7}  {'FAMILY':<10} {'TASK':<10} {'SIZE':>9}  GRAPHS / STATUS")
+    broken = 0
+    for e in entries:
+        size = sum(f.stat().st_size for f in e.path.iterdir() if f.is_file())
+        if e.manifest is not None:
+            family, task, graphs = e.manifest.family, e.manifest.task, ", ".join(sorted(e.manifest.graphs))
+        else:
+            family, task, graphs = "?", "?", ""
+        status = graphs if e.healthy else f"BROKEN: {'; '.join(e.problems)}"
+        broken += not e.healthy
+        click.echo(f"{e.name:<24} {e.version:>7}  {family:<10} {task:<10} {size / 1e6:>7.2f}MB  {status}")
+    if verify:
+        click.echo(f"{len(entries) - broken} healthy, {broken} broken")
+        if broken:
+            raise SystemExit(1)
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="gen", standalone_mode=True)
+    except KeyboardInterrupt:
+        click.echo("gen: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""The model repository contract: exported/<name>/<version>/manifest.json, and how to check it.
+
+Standard library only: the exporter (training side) validates what it writes with the same code the
+server uses to read it, and neither side needs the other's dependencies.
+
+Layout:
+    exported/<name>/<version>/manifest.json
+    exported/<name>/<version>/<graph>.onnx        one self-contained file per graph
+    exported/<name>/<version>/<graph>.fp16.onnx   optional half-precision variant
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT = "gen.manifest/1"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+DTYPES = ("float32", "float16", "int64")
+TASKS = {"vae": "sample", "gan": "sample", "pix2pix": "translate", "cyclegan": "translate", "diffusion": "denoise"}
+# graphs each family must ship
+FAMILY_GRAPHS = {"vae": {"encoder", "decoder"}, "gan": {"generator"}, "pix2pix": {"generator"},
+                 "cyclegan": {"generator_ab", "generator_ba"}, "diffusion": {"step", "denoiser"}}
+SAMPLERS = {"ddpm": 0, "ddim": 1, "dpm++": 2}  # the `sampler` input of the diffusion step graph
+
+
+class ManifestError(ValueError):
+    """The manifest is malformed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]  # -1 for a dynamic dimension
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    name: str
+    file: str
+    sha256: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    fp16_file: str | None = None
+    fp16_sha256: str | None = None
+    parity: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: int
+    family: str
+    task: str
+    opset: int
+    graphs: dict[str, GraphInfo]
+    image: dict  # channels, height, width, range [lo, hi], to_uint8
+    classes: tuple[str, ...]
+    serving: dict  # max_batch_size, max_queue_delay_ms
+    provenance: dict
+    diffusion: dict | None = None  # num_train_timesteps, schedule, prediction, timestep_spacing, null_label
+    parity: dict = field(default_factory=dict)
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _get(d: dict, key: str, kind, where: str):
+    if key not in d:
+        raise ManifestError(f"{where}.{key}: missing")
+    value = d[key]
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ManifestError(f"{where}.{key}: expected {names}, got {type(value).__name__}")
+    return value
+
+
+def _tensor(d: dict, where: str) -> TensorInfo:
+    if not isinstance(d, dict):
+        raise ManifestError(f"{where}: expected an object")
+    name = _get(d, "name", str, where)
+    dtype = _get(d, "dtype", str, where)
+    if dtype not in DTYPES:
+        raise ManifestError(f"{where}.dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    shape = _get(d, "shape", list, where)
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and (s == -1 or s > 0) for s in shape):
+        raise ManifestError(f"{where}.shape: expected a non-empty list of positive ints or -1")
+    if shape[0] != -1:
+        raise ManifestError(f"{where}.shape: the batch axis (first) must be dynamic (-1)")
+    return TensorInfo(name, dtype, tuple(shape))
+
+
+def parse_manifest(d: dict) -> Manifest:
+    """Validate a manifest dict; raises ManifestError naming the first bad field."""
+    if not isinstance(d, dict):
+        raise ManifestError("manifest: expected a JSON object")
+    if d.get("format") != FORMAT:
+        raise ManifestError(f"format: expected {FORMAT!r}, got {d.get('format')!r}")
+    name = _get(d, "name", str, "manifest")
+    if not NAME_RE.match(name):
+        raise ManifestError(f"name: {name!r} must match {NAME_RE.pattern}")
+    version = _get(d, "version", int, "manifest")
+    if version < 1:
+        raise ManifestError("version: must be >= 1")
+    family = _get(d, "family", str, "manifest")
+    if family not in TASKS:
+        raise ManifestError(f"family: {family!r} is not one of {', '.join(TASKS)}")
+    task = _get(d, "task", str, "manifest")
+    if task != TASKS[family]:
+        raise ManifestError(f"task: {family} models have task {TASKS[family]!r}, not {task!r}")
+    opset = _get(d, "opset", int, "manifest")
+    graphs_raw = _get(d, "graphs", dict, "manifest")
+    if set(graphs_raw) != FAMILY_GRAPHS[family]:
+        raise ManifestError(f"graphs: {family} needs exactly {sorted(FAMILY_GRAPHS[family])}, "
+                            f"got {sorted(graphs_raw)}")
+    graphs = {}
+    for gname, g in graphs_raw.items():
+        where = f"graphs.{gname}"
+        if not isinstance(g, dict):
+            raise ManifestError(f"{where}: expected an object")
+        file = _get(g, "file", str, where)
+        if "/" in file or "\\" in file or file.startswith("."):
+            raise ManifestError(f"{where}.file: {file!r} must be a plain file name in the version folder")
+        sha = _get(g, "sha256", str, where)
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise ManifestError(f"{where}.sha256: not a hex SHA-256")
+        inputs = tuple(_tensor(t, f"{where}.inputs[{i}]") for i, t in enumerate(_get(g, "inputs", list, where)))
+        outputs = tuple(_tensor(t, f"{where}.outputs[{i}]") for i, t in enumerate(_get(g, "outputs", list, where)))
+        if not inputs or not outputs:
+            raise ManifestError(f"{where}: needs at least one input and one output")
+        fp16 = g.get("fp16")
+        if fp16 is not None:
+            _get(fp16, "file", str, f"{where}.fp16")
+            _get(fp16, "sha256", str, f"{where}.fp16")
+        graphs[gname] = GraphInfo(gname, file, sha, inputs, outputs,
+                                  fp16["file"] if fp16 else None, fp16["sha256"] if fp16 else None,
+                                  g.get("parity", {}))
+    image = _get(d, "image", dict, "manifest")
+    for key in ("channels", "height", "width"):
+        _get(image, key, int, "image")
+    if image["channels"] not in (1, 3):
+        raise ManifestError("image.channels: must be 1 or 3")
+    rng = _get(image, "range", list, "image")
+    if len(rng) != 2 or not all(isinstance(v, (int, float)) for v in rng) or rng[0] >= rng[1]:
+        raise ManifestError("image.range: expected [low, high] with low < high")
+    classes = _get(d, "classes", list, "manifest")
+    if not all(isinstance(c, str) for c in classes):
+        raise ManifestError("classes: expected a list of strings")
+    serving = _get(d, "serving", dict, "manifest")
+    mbs = _get(serving, "max_batch_size", int, "serving")
+    if mbs < 1:
+        raise ManifestError("serving.max_batch_size: must be >= 1")
+    provenance = _get(d, "provenance", dict, "manifest")
+    diffusion = d.get("diffusion")
+    if family == "diffusion":
+        diffusion = _get(d, "diffusion", dict, "manifest")
+        _get(diffusion, "num_train_timesteps", int, "diffusion")
+        _get(diffusion, "prediction", str, "diffusion")
+        _get(diffusion, "schedule", str, "diffusion")
+        if _get(diffusion, "timestep_spacing", str, "diffusion") != "trailing":
+            raise ManifestError("diffusion.timestep_spacing: only 'trailing' is supported")
+    return Manifest(name, version, family, task, opset, graphs, image, tuple(classes), serving, provenance,
+                    diffusion, d.get("parity", {}), raw=d)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    path = Path(version_dir) / "manifest.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    m = parse_manifest(raw)
+    if m.name != Path(version_dir).parent.name or str(m.version) != Path(version_dir).name:
+        raise ManifestError(f"{path}: says {m.name}/{m.version} but lies in "
+                            f"{Path(version_dir).parent.name}/{Path(version_dir).name}")
+    return m
+
+
+def verify_files(version_dir: Path, manifest: Manifest) -> list[str]:
+    """Problems with the graph files (missing, hash mismatch), one line each; empty when healthy."""
+    problems = []
+    for g in manifest.graphs.values():
+        for file, sha in ((g.file, g.sha256), (g.fp16_file, g.fp16_sha256)):
+            if file is None:
+                continue
+            path = Path(version_dir) / file
+            if not path.is_file():
+                problems.append(f"{file}: missing")
+                continue
+            actual = file_sha256(path)
+            if actual != sha:
+                problems.append(f"{file}: sha256 mismatch (manifest {sha[:12]}..., file {actual[:12]}...)")
+    return problems
+
+
+@dataclass
+class VersionEntry:
+    name: str
+    version: int
+    path: Path
+    manifest: Manifest | None
+    problems: list[str]
+
+    @property
+    def healthy(self) -> bool:
+        return self.manifest is not None and not self.problems
+
+
+def scan_repository(root: Path, verify: bool = False) -> list[VersionEntry]:
+    """Every <name>/<version>/ folder under root, sorted; `verify` re-hashes the graph files.
+
+    Folders whose names start with '.' are exports in progress and are skipped.
+    """
+    root = Path(root)
+    entries = []
+    if not root.is_dir():
+        return entries
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for vdir in sorted((p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                           key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)):
+            if not vdir.name.isdigit():
+                entries.append(VersionEntry(model_dir.name, -1, vdir, None,
+                                            [f"{vdir.name}: a version folder must be a positive integer"]))
+                continue
+            try:
+                manifest = read_manifest(vdir)
+            except ManifestError as e:
+                entries.append(VersionEntry(model_dir.name, int(vdir.name), vdir, None, [str(e)]))
+                continue
+            problems = verify_files(vdir, manifest) if verify else \
+                [f"{g.file}: missing" for g in manifest.graphs.values() if not (vdir / g.file).is_file()]
+            entries.append(VersionEntry(model_dir.name, int(vdir.name), vdir, manifest, problems))
+    return entries

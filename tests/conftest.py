@@ -1,0 +1,35 @@
+"""Shared test settings: tiny configs of every family, so a few real training steps take seconds."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# Small enough for seconds on 2 cores; the full-size defaults are exercised by `make models`.
+TINY: dict[str, dict] = {
+    "vae": {"data": "digits", "batch_size": 8, "family_options": {"width": 8, "latent_dim": 4}},
+    "gan": {"data": "digits", "batch_size": 8, "family_options": {"width": 8, "z_dim": 8}},
+    "pix2pix": {"data": "shapes", "batch_size": 4, "family_options": {"width": 8}},
+    "cyclegan": {"data": "stripes", "batch_size": 2, "family_options": {"width": 8, "n_blocks": 1}},
+    "diffusion": {"data": "digits", "batch_size": 8,
+                  "family_options": {"width": 8, "channel_mult": [1, 2], "sample_steps": 2}},
+}
+FAMILIES = list(TINY)
+
+
+def tiny_config(family: str, run_dir, **overrides):
+    from trainer.loop import TrainConfig
+
+    spec = TINY[family]
+    options = {"family": family, "image_size": 32, "steps": 4, "run_dir": str(run_dir), "sample_every": 2,
+               "checkpoint_every": 2, "log_every": 1, **{k: v for k, v in spec.items() if k != "family_options"}}
+    options.update(overrides)
+    family_options = {**spec["family_options"], **options.pop("family_options", {})}
+    return TrainConfig(**options, family_options=family_options)
+
+
+@pytest.fixture(params=FAMILIES)
+def family_name(request):
+    return request.param
