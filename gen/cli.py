@@ -188,6 +188,175 @@ def models_cmd(repo, verify):
             raise SystemExit(1)
 
 
+@cli.command("serve")
+@click.option("--repo", default="exported", show_default=True, help="The model repository folder.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 for all).")
+@click.option("--port", type=int, default=50051, show_default=True, help="gRPC port; 0 picks a free one.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this HTTP port.")
+@click.option("--max-batch-size", type=int, help="Per graph. [default: each manifest's]")
+@click.option("--max-queue-delay-ms", type=float, help="How long a batch waits to fill. [default: manifest]")
+@click.option("--max-queue-size", type=int, default=1024, show_default=True,
+              help="Queued requests per graph before RESOURCE_EXHAUSTED.")
+@click.option("--allow-repository-control", is_flag=True, help="Allow RepositoryModelLoad/Unload.")
+@click.option("--grace", type=float, default=10.0, show_default=True,
+              help="Seconds in-flight requests get to finish on SIGTERM.")
+def serve_cmd(repo, host, port, device, metrics_port, max_batch_size, max_queue_delay_ms, max_queue_size,
+              allow_repository_control, grace):
+    """Serve the model repository over gRPC (KServe OIP v2 and gen.v1.Generator) until SIGTERM."""
+    import asyncio
+    import logging
+    from pathlib import Path
+
+    from serve.manifest import scan_repository
+
+    healthy = [e for e in scan_repository(Path(repo)) if e.healthy]
+    if not healthy:
+        raise UserError(f"--repo {repo}: no models to serve; train and export one first, e.g. "
+                        f"`gen train gan && gen export runs/gan --name mnist-cgan --repo {repo}`")
+    from serve.errors import ServeError
+    from serve.server import ServerConfig, serve_forever
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(repo=repo, host=host, port=port, device=device, metrics_port=metrics_port,
+                          max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+                          max_queue_size=max_queue_size, allow_repository_control=allow_repository_control,
+                          grace_s=grace)
+
+    def ready(server, bound):
+        names = sorted({e.name for e in healthy})
+        extra = f", metrics on http://{host}:{server.metrics.server_address[1]}/metrics" if server.metrics else ""
+        click.echo(f"serving {len(names)} models ({', '.join(names)}) on {host}:{bound} "
+                   f"[{server.runtime.device}]{extra}", err=False)
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(serve_forever(config, ready))
+    except (ServeError, OSError) as e:
+        raise UserError(str(e)) from None
+
+
+def _client_options(fn):
+    fn = click.option("--server", default="127.0.0.1:50051", show_default=True, help="HOST:PORT of `gen serve`.")(fn)
+    fn = click.option("--model", required=True, help="Model name (see ListModels / `gen models`).")(fn)
+    fn = click.option("--version", "version", type=int, default=0, help="Model version. [default: latest]")(fn)
+    fn = click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")(fn)
+    fn = click.option("-o", "--output", required=True, help="Where to write the result.")(fn)
+    return fn
+
+
+def _labels(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--labels {text}: use comma-separated class indices, e.g. 0,1,2") from None
+
+
+def _rpc_errors(server: str):
+    """gRPC failures as one line: the status and the server's message."""
+    import contextlib
+
+    import grpc
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise UserError(f"cannot reach a gen server at {server} ({e.details()}); "
+                                "start one with `gen serve`") from None
+            raise UserError(f"{e.code().name}: {e.details()}") from None
+    return guard()
+
+
+@cli.command("sample")
+@_client_options
+@click.option("-n", "n", type=int, default=16, show_default=True, help="Number of images.")
+@click.option("--seed", type=int, help="Seed; image i depends only on (seed, i).")
+@click.option("--labels", help="Class indices, one for all or one per image, e.g. 0,1,2.")
+def sample_cmd(server, model, version, timeout, output, n, seed, labels):
+    """Sample images from a VAE or GAN model and write them as a PNG grid."""
+    from serve.client import GenClient, save_grid
+
+    with _rpc_errors(server), GenClient(server, timeout=timeout) as client:
+        images = client.sample(model, n=n, seed=seed, labels=_labels(labels), version=version)
+    save_grid(images.pixels, output)
+    click.echo(f"wrote {output}: {len(images.pixels)} images from {images.model} v{images.version}, "
+               f"seed {images.seed}")
+
+
+@cli.command("translate")
+@_client_options
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--direction", default="", help="CycleGAN: AtoB or BtoA. [default: AtoB]")
+def translate_cmd(server, model, version, timeout, output, images, direction):
+    """Translate IMAGES with a pix2pix or CycleGAN model; writes input | output pairs as a PNG grid."""
+    import numpy as np
+
+    from serve.client import GenClient, load_pixels, save_grid
+
+    blobs = [open(p, "rb").read() for p in images]
+    with _rpc_errors(server), GenClient(server, timeout=timeout) as client:
+        result = client.translate(model, blobs, direction=direction, version=version)
+    inputs = [load_pixels(b, *result.pixels.shape[1:]) for b in blobs]
+    pairs = np.stack([x for pair in zip(inputs, result.pixels) for x in pair])
+    save_grid(pairs, output, nrow=2)
+    click.echo(f"wrote {output}: {len(result.pixels)} input | output pairs from {result.model} v{result.version}")
+
+
+@cli.command("generate")
+@_client_options
+@click.option("-n", "n", type=int, default=8, show_default=True, help="Number of images.")
+@click.option("--seed", type=int, help="Seed; image i depends only on (seed, i).")
+@click.option("--labels", help="Class indices, one for all or one per image.")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale. [default: the model's]")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm++"]), default="ddim", show_default=True)
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--eta", type=float, help="DDIM eta (0 deterministic, 1 DDPM-like).")
+def generate_cmd(server, model, version, timeout, output, n, seed, labels, guidance, sampler, steps, eta):
+    """Run a diffusion model with streamed progress and write the images as a PNG grid."""
+    from serve.client import GenClient, Images, save_grid
+
+    result = None
+    with _rpc_errors(server), GenClient(server, timeout=timeout) as client:
+        for event in client.generate(model, n=n, seed=seed, labels=_labels(labels), guidance=guidance,
+                                     sampler=sampler, steps=steps, eta=eta, version=version):
+            if isinstance(event, Images):
+                result = event
+            else:
+                click.echo(f"\rstep {event.step}/{event.total}", nl=False, err=True)
+    click.echo("", err=True)
+    save_grid(result.pixels, output)
+    click.echo(f"wrote {output}: {len(result.pixels)} images from {result.model} v{result.version}, "
+               f"{sampler} {steps} steps, seed {result.seed}")
+
+
+@cli.command("encode")
+@_client_options
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--labels", help="Class indices for a conditional VAE.")
+def encode_cmd(server, model, version, timeout, output, images, labels):
+    """Encode IMAGES with a VAE. -o X.npz writes mean and logvar; -o X.png writes input | reconstruction."""
+    import numpy as np
+
+    from serve.client import GenClient, load_pixels, save_grid
+
+    blobs = [open(p, "rb").read() for p in images]
+    with _rpc_errors(server), GenClient(server, timeout=timeout) as client:
+        mean, logvar = client.encode(model, blobs, labels=_labels(labels), version=version)
+        if output.endswith(".png"):
+            recon = client.decode(model, mean, labels=_labels(labels), version=version)
+    if output.endswith(".png"):
+        inputs = [load_pixels(b, *recon.pixels.shape[1:]) for b in blobs]
+        save_grid(np.stack([x for pair in zip(inputs, recon.pixels) for x in pair]), output, nrow=2)
+    else:
+        np.savez(output, mean=mean, logvar=logvar)
+    click.echo(f"wrote {output}: {len(mean)} codes of size {mean.shape[1]}")
+
+
 def main() -> None:
     try:
         cli.main(prog_name="gen", standalone_mode=True)

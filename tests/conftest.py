@@ -33,3 +33,20 @@ def tiny_config(family: str, run_dir, **overrides):
 @pytest.fixture(params=FAMILIES)
 def family_name(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory):
+    """One tiny trained (2 steps) and exported model per family, built once per test session.
+
+    Returns the base folder: runs in base/runs/<family>, the repository in base/exported with models
+    named tiny-<family>, version 1.
+    """
+    from trainer.export import export_model
+    from trainer.loop import fit
+
+    base = tmp_path_factory.mktemp("tiny")
+    for family in FAMILIES:
+        fit(tiny_config(family, base / "runs" / family, steps=2), progress=False)
+        export_model(base / "runs" / family, f"tiny-{family}", repo=base / "exported")
+    return base

@@ -13,7 +13,7 @@ from trainer.loop import fit
 family, run_dir = sys.argv[1], Path(sys.argv[2])
 result = fit(tiny_config(family, run_dir, steps=3, device="cpu"), progress=False)
 digest = hashlib.sha256()
-for name, net in sorted(result.family.nets.items()):
+for _, net in sorted(result.family.nets.items()):
     for key, value in sorted(net.named_parameters()):  # buffers (BN stats) are rank-local by design
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.data import BatchOrder, Batches, DataError, load_dataset
+from trainer.data import Batches, BatchOrder, DataError, load_dataset
 
 
 def _png(path, size=(20, 16), mode="RGB", value=128):

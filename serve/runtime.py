@@ -1,0 +1,764 @@
+"""The in-process serving API: onnxruntime sessions, one batcher per graph, the diffusion scheduler.
+
+    from serve.runtime import Runtime
+    rt = Runtime("exported")
+    result = await rt.sample("gan", 8, seed=1)                 # on an event loop (grpc.aio handlers)
+    result = rt.sync.sample("gan", 8, seed=1)                  # from synchronous code
+    async for event in rt.generate("diffusion", 4, steps=20):  # Progress..., then Final(result)
+        ...
+
+Every task validates its arguments first (InvalidArgument naming the field), resolves the model
+(serve.repository), then goes through the graph's DynamicBatcher (or, for diffusion, the model's
+DiffusionScheduler), so concurrent requests share onnxruntime runs. Applying a task to a model of
+the wrong family is a FailedPrecondition (as gen.v1's proto says: Translate on a GAN).
+
+Determinism: sample i of a request with seed s draws its latent (or x_T and the per-step noise) from
+np.random.default_rng(np.random.SeedSequence([s, i])), so n=4 gives the first four images of n=8 and
+a request gives the same images whatever it was batched with. Labels default to i % K.
+
+Sessions: CPU execution provider with intra-op threads = the cores this process may use, inter-op 1,
+every graph optimisation, sequential execution. device="cuda" uses the CUDA execution provider with
+IO binding (inputs and outputs as OrtValues on the GPU) and the fp16 graph file where the manifest
+has one; "auto" uses CUDA when onnxruntime offers it and falls back to the CPU.
+
+Deadlines are absolute `time.monotonic()` values (gRPC: time.monotonic() + context.time_remaining()).
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import queue
+import secrets
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import onnxruntime as ort
+
+from serve.batcher import DynamicBatcher, Stats
+from serve.diffusion import DiffusionScheduler, Done, GenerationRequest, Progress, row_rng
+from serve.errors import FailedPrecondition, InvalidArgument, NotFound, ServeError, Unavailable
+from serve.manifest import SAMPLERS, GraphInfo, Manifest
+from serve.repository import IndexEntry, ModelVersion, Repository, check_name
+
+DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+MAX_STEPS = 1000
+MAX_GUIDANCE = 50.0
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+__all__ = ["Runtime", "SampleResult", "EncodeResult", "Progress", "Final", "GraphHandle", "GraphRunner",
+           "available_threads"]
+
+
+def available_threads() -> int:
+    """The cores this process may run on (the affinity mask, e.g. a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or available_threads()
+    options.inter_op_num_threads = 1  # sequential execution: the graphs are chains, nothing to overlap
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only
+    return options
+
+
+class GraphRunner:
+    """One graph file in one onnxruntime session: `run(feeds) -> {output name: array}`.
+
+    On "cuda" every run binds its inputs and outputs as OrtValues on the device (IO binding) and
+    copies the outputs back once; the fp16 file is used there when the manifest has one (its inputs
+    and outputs stay float32). Raises when the session cannot be created, CUDA was asked for and is
+    not in the session's providers, or the graph's inputs/outputs are not the manifest's.
+    """
+
+    def __init__(self, version_dir: Path, graph: GraphInfo, device: str = "auto", threads: int | None = None,
+                 fp16: bool | None = None):
+        if device not in DEVICES:
+            raise ValueError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
+        want_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
+        self.session = None
+        if want_cuda:
+            use_fp16 = graph.fp16_file is not None and fp16 is not False
+            path = Path(version_dir) / (graph.fp16_file if use_fp16 else graph.file)
+            try:
+                session = ort.InferenceSession(str(path), session_options(threads),
+                                               providers=[(CUDA, {"device_id": 0}), CPU])
+            except Exception:
+                if device == "cuda":
+                    raise
+                session = None  # auto: the CPU below
+            providers = session.get_providers() if session is not None else []
+            if CUDA in providers:
+                self.session, self.device, self.file = session, "cuda", path.name
+            elif device == "cuda":
+                raise FailedPrecondition(f"device='cuda': onnxruntime could not use {CUDA} for {path.name} "
+                                         f"(session providers: {providers}); check the CUDA and cuDNN "
+                                         "libraries (onnxruntime.preload_dlls()) or use device='cpu'")
+        if self.session is None:
+            path = Path(version_dir) / graph.file
+            self.session = ort.InferenceSession(str(path), session_options(threads), providers=[CPU])
+            self.device, self.file = "cpu", path.name
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if sorted(inputs) != sorted(t.name for t in graph.inputs) or \
+                sorted(outputs) != sorted(t.name for t in graph.outputs):
+            raise ValueError(f"the graph's inputs {inputs} / outputs {outputs} are not the manifest's")
+        self.graph = graph
+        self.output_names = [t.name for t in graph.outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.device == "cuda":
+            binding = self.session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(
+                    np.ascontiguousarray(value), "cuda", 0))
+            for name in self.output_names:
+                binding.bind_output(name, "cuda", 0)
+            self.session.run_with_iobinding(binding)
+            outs = binding.copy_outputs_to_cpu()
+        else:
+            outs = self.session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, outs))
+
+
+@dataclass
+class SampleResult:
+    """Images from sample, translate, decode and generate."""
+
+    images: np.ndarray  # float32 NCHW in the manifest's range, [-1, 1]
+    labels: np.ndarray  # int64 [n]; empty for an unconditional model or a translation
+    seed: int | None  # the request's seed (drawn at random when it gave none); None where nothing is random
+    model: str = ""
+    version: int = 0
+
+
+@dataclass
+class EncodeResult:
+    """A vae's posterior per image; unpacks as `mean, logvar = await rt.encode(...)`."""
+
+    mean: np.ndarray  # float32 [n, latent]
+    logvar: np.ndarray
+    labels: np.ndarray  # int64 [n]; empty for an unconditional vae
+    model: str = ""
+    version: int = 0
+
+    def __iter__(self):
+        return iter((self.mean, self.logvar))
+
+
+@dataclass
+class Final:
+    """The last event of `generate`: its result."""
+
+    result: SampleResult
+    kind: ClassVar[str] = "result"
+
+
+@dataclass(frozen=True)
+class GraphHandle:
+    """One graph of a loaded version, as the OIP layer sees it: the model "<model>.<graph>"."""
+
+    name: str  # "<model>.<graph>"
+    model: str
+    graph: str
+    version: int
+    versions: list[int]  # every READY version of the model
+    info: GraphInfo  # inputs and outputs (name, dtype, shape with -1 for dynamic)
+    manifest: Manifest
+    max_batch_size: int
+    max_queue_delay_ms: float
+    max_queue_size: int
+
+
+NO_LABELS = np.zeros(0, np.int64)
+
+
+class Runtime:
+    """The serving core; see the module docstring. Task methods are coroutines; `sync` has them blocking."""
+
+    def __init__(self, repo_root: str | Path, device: str = "auto", max_batch_size: int | None = None,
+                 max_queue_delay_ms: float | None = None, max_queue_size: int = 1024, threads: int | None = None,
+                 max_n: int = 256, fp16: bool | None = None):
+        if device not in DEVICES:
+            raise ValueError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
+        if device == "cuda" and CUDA not in ort.get_available_providers():
+            raise FailedPrecondition(f"device='cuda': this onnxruntime has no {CUDA} (it offers "
+                                     f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                                     "or use device='cpu'")
+        if device != "cpu" and CUDA in ort.get_available_providers() and hasattr(ort, "preload_dlls"):
+            try:  # the CUDA and cuDNN libraries of pip's nvidia-* packages (or PyTorch's), where present
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - sessions then say what is missing
+                pass
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size: must be >= 1, got {max_batch_size}")
+        if max_queue_delay_ms is not None and max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms: must be >= 0, got {max_queue_delay_ms}")
+        if max_n < 1:
+            raise ValueError(f"max_n: must be >= 1, got {max_n}")
+        self.device = device
+        self.threads = threads or available_threads()
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_ms = max_queue_delay_ms
+        self.max_queue_size = max_queue_size
+        self.max_n = max_n
+        self.fp16 = fp16
+        self._lock = threading.Lock()
+        self._batchers: dict[tuple[ModelVersion, str], DynamicBatcher] = {}
+        self._schedulers: dict[ModelVersion, DiffusionScheduler] = {}
+        self._closed = False
+        self.repository = Repository(repo_root, self._open_graph)
+        self.sync = SyncRuntime(self)
+
+    def _open_graph(self, version_dir: Path, graph: GraphInfo) -> GraphRunner:
+        return GraphRunner(version_dir, graph, self.device, self.threads, self.fp16)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Serving (not stopped); a model's own readiness is in models() / resolve()."""
+        return not self._closed
+
+    async def start(self) -> None:
+        """Nothing to do: sessions open in the constructor, worker threads on first use."""
+
+    async def stop(self) -> None:
+        """Finish queued work and stop every worker thread (off the event loop)."""
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            batchers, schedulers = list(self._batchers.values()), list(self._schedulers.values())
+            self._batchers, self._schedulers = {}, {}
+        for b in batchers:
+            b.close(drain=True)
+        for s in schedulers:
+            s.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the repository --------------------------------------------------------------------------
+
+    def models(self, model: str | None = None) -> list[dict]:
+        """One dict per (model, version), ListModels' ModelInfo fields; `model` filters (NotFound if absent)."""
+        names = self.repository.names()
+        if model:
+            check_name(model)
+            if model not in names:
+                raise NotFound(f"model {model!r} is not in the repository (models: {', '.join(names) or 'none'})")
+            names = [model]
+        rows = []
+        for name in names:
+            versions = self.repository.versions(name)
+            all_versions = [mv.version for mv in versions if mv.version >= 1]
+            for mv in versions:
+                m = mv.manifest
+                row = dict(name=name, version=max(mv.version, 0), versions=all_versions, family="", task="",
+                           classes=[], channels=0, height=0, width=0, graphs=[], latent_size=0, state=mv.state,
+                           reason=mv.reason, max_batch_size=self.max_n, samplers=[], num_train_timesteps=0)
+                if m is not None:
+                    row.update(family=m.family, task=m.task, classes=list(m.classes), channels=m.image["channels"],
+                               height=m.image["height"], width=m.image["width"], graphs=sorted(m.graphs))
+                    z_graph = {"vae": "decoder", "gan": "generator"}.get(m.family)
+                    if z_graph:
+                        row["latent_size"] = int(np.prod(_input(m.graphs[z_graph], "z").shape[1:]))
+                    if m.family == "diffusion":
+                        row.update(samplers=list(_samplers(m)),
+                                   num_train_timesteps=int(m.diffusion["num_train_timesteps"]))
+                rows.append(row)
+        return rows
+
+    def manifest(self, model: str, version: int | None = None) -> Manifest:
+        """The manifest of the version a request for (model, version) gets."""
+        return self.repository.resolve(model, version).manifest
+
+    def graph(self, name: str, version: int | None = None) -> GraphHandle:
+        """The OIP model "<model>.<graph>" (NotFound / Unavailable when it cannot be served)."""
+        mv, graph = self.resolve_graph(name, version)
+        versions = [v.version for v in self.repository.versions(mv.name) if v.ready]
+        return GraphHandle(name, mv.name, graph, mv.version, versions, mv.manifest.graphs[graph], mv.manifest,
+                           self._mbs(mv), self._delay(mv), self.max_queue_size)
+
+    def resolve_graph(self, name: str, version: int | None = None) -> tuple[ModelVersion, str]:
+        """"<model>.<graph>" -> (the model version, the graph name)."""
+        check_name(name)
+        model, _, graph = name.rpartition(".")
+        if not model or model not in self.repository.names():
+            hint = f"; graphs are served as <model>.<graph>, e.g. {name}.generator" if name in \
+                self.repository.names() else ""
+            raise NotFound(f"model {name!r} is not in the repository (models: "
+                           f"{', '.join(self.repository.names()) or 'none'}){hint}")
+        mv = self.repository.resolve(model, version)
+        if graph not in mv.manifest.graphs:
+            raise NotFound(f"model {name!r}: {model!r} has the graphs "
+                           f"{', '.join(f'{model}.{g}' for g in sorted(mv.manifest.graphs))}")
+        return mv, graph
+
+    def oip_index(self) -> list[IndexEntry]:
+        """RepositoryIndex with a row per graph ("<model>.<graph>"); a version without a manifest as "<model>"."""
+        rows = []
+        for name in self.repository.names():
+            for mv in self.repository.versions(name):
+                version = str(mv.version) if mv.version >= 1 else mv.path.name
+                graphs = sorted(mv.manifest.graphs) if mv.manifest is not None else [None]
+                rows += [IndexEntry(f"{name}.{g}" if g else name, version, mv.state, mv.reason) for g in graphs]
+        return rows
+
+    async def load(self, name: str) -> None:
+        """Re-read a model ("<model>" or "<model>.<graph>") from disk; new versions serve once ready."""
+        await asyncio.to_thread(self.load_sync, name)
+
+    def load_sync(self, name: str) -> None:
+        self._swap(self.repository.load, self._model_of(name))
+
+    async def unload(self, name: str) -> None:
+        await asyncio.to_thread(self.unload_sync, name)
+
+    def unload_sync(self, name: str) -> None:
+        self._swap(self.repository.unload, self._model_of(name))
+
+    def _swap(self, action, model: str) -> None:
+        """Load or unload, then retire the versions no longer served (also when the model left the disk)."""
+        before = self.repository.versions(model)
+        try:
+            action(model)
+        finally:
+            after = set(self.repository.versions(model))
+            self._retire([mv for mv in before if mv not in after])
+
+    def _model_of(self, name: str) -> str:
+        check_name(name)
+        if name in self.repository.names() or (self.repository.root / name).is_dir():
+            return name
+        model, _, _ = name.rpartition(".")
+        return model if model and model in self.repository.names() else name
+
+    def _retire(self, versions: list[ModelVersion]) -> None:
+        """Close the batchers and schedulers of versions no longer served (queued work still finishes)."""
+        gone = set(versions)
+        with self._lock:
+            batchers = [self._batchers.pop(k) for k in [k for k in self._batchers if k[0] in gone]]
+            schedulers = [self._schedulers.pop(mv) for mv in [mv for mv in self._schedulers if mv in gone]]
+        for b in batchers:
+            b.close(drain=True)
+        for s in schedulers:
+            s.close()
+
+    # --- batchers, schedulers, statistics --------------------------------------------------------
+
+    def batcher(self, mv: ModelVersion, graph: str) -> DynamicBatcher:
+        """The batcher of one graph of a loaded version (created on first use)."""
+        with self._lock:
+            b = self._batchers.get((mv, graph))
+            if b is None:
+                self._check_serving(mv)
+                b = DynamicBatcher(mv.runners[graph].run, name=f"{mv.name}.{graph}", max_batch_size=self._mbs(mv),
+                                   max_queue_delay_ms=self._delay(mv), max_queue_size=self.max_queue_size)
+                b.stats.version = mv.version
+                self._batchers[(mv, graph)] = b
+            return b
+
+    def scheduler(self, mv: ModelVersion) -> DiffusionScheduler:
+        """The step-level scheduler of a loaded diffusion version (created on first use)."""
+        with self._lock:
+            s = self._schedulers.get(mv)
+            if s is None:
+                self._check_serving(mv)
+                m = mv.manifest
+                s = DiffusionScheduler(mv.runners["step"].run, image_shape=_image_shape(m),
+                                       num_train_timesteps=m.diffusion["num_train_timesteps"], name=mv.name,
+                                       max_batch_size=self._mbs(mv), max_queue_size=self.max_queue_size)
+                s.stats.version = mv.version
+                self._schedulers[mv] = s
+            return s
+
+    def statistics(self, name: str | None = None, version: int | None = None) -> list[Stats]:
+        """Counters of every graph of every READY version ("<model>.<graph>", zero until used), plus one
+        per diffusion model ("<model>": its step-level scheduler); `name` and `version` filter."""
+        with self._lock:
+            batchers, schedulers = dict(self._batchers), dict(self._schedulers)
+        rows = []
+        for model in self.repository.names():
+            for mv in self.repository.versions(model):
+                if not mv.ready or (version is not None and mv.version != version):
+                    continue
+                for graph in sorted(mv.manifest.graphs):
+                    b = batchers.get((mv, graph))
+                    rows.append(b.statistics() if b else Stats(name=f"{model}.{graph}", version=mv.version))
+                if mv in schedulers:
+                    rows.append(schedulers[mv].statistics())
+        if name:
+            check_name(name)
+            rows = [r for r in rows if r.name == name]
+            if not rows:
+                self.resolve_graph(name, version)  # NotFound / Unavailable with the reason
+        return rows
+
+    def _check_serving(self, mv: ModelVersion) -> None:
+        if self._closed:
+            raise Unavailable("the runtime is stopped")
+        if not any(v is mv for v in self.repository.versions(mv.name)):  # retired by a concurrent load
+            raise Unavailable(f"model {mv.name!r} version {mv.version} was just reloaded or unloaded; retry")
+
+    def _mbs(self, mv: ModelVersion) -> int:
+        return self.max_batch_size or int(mv.manifest.serving.get("max_batch_size", 64))
+
+    def _delay(self, mv: ModelVersion) -> float:
+        if self.max_queue_delay_ms is not None:
+            return self.max_queue_delay_ms
+        return float(mv.manifest.serving.get("max_queue_delay_ms", 2.0))
+
+    def _resolve(self, model: str, version: int | None, families: Sequence[str], task: str) -> ModelVersion:
+        mv = self.repository.resolve(model, version)
+        if mv.manifest.family not in families:
+            raise FailedPrecondition(f"model: {model!r} is a {mv.manifest.family} model; {task} works on "
+                                     f"{' and '.join(families)} models")
+        return mv
+
+    # --- tasks -----------------------------------------------------------------------------------
+
+    async def sample(self, model: str, n: int, seed: int | None = None, labels: Sequence[int] | None = None,
+                     version: int | None = None, deadline: float | None = None) -> SampleResult:
+        """n images from a vae (its decoder) or gan (its generator), latents drawn from (seed, i)."""
+        mv = self._resolve(model, version, ("vae", "gan"), "sample")
+        n = self._check_n(n)
+        seed = _check_seed(seed)
+        graph = "decoder" if mv.manifest.family == "vae" else "generator"
+        info = mv.manifest.graphs[graph]
+        labels = _labels(labels, n, mv.manifest)
+        z_shape = tuple(_input(info, "z").shape[1:])
+        z = np.stack([row_rng(seed, i).standard_normal(z_shape, dtype=np.float32) for i in range(n)])
+        out = await self.batcher(mv, graph).run(_with_label({"z": z}, info, labels, n), deadline)
+        return SampleResult(out["image"], _or_none(labels), seed, mv.name, mv.version)
+
+    async def translate(self, model: str, images: np.ndarray, direction: str = "AtoB",
+                        version: int | None = None, deadline: float | None = None) -> SampleResult:
+        """pix2pix: its generator (AtoB only); cyclegan: AtoB = generator_ab, BtoA = generator_ba."""
+        mv = self._resolve(model, version, ("pix2pix", "cyclegan"), "translate")
+        if direction not in ("AtoB", "BtoA"):
+            raise InvalidArgument(f"direction: expected 'AtoB' or 'BtoA', got {direction!r}")
+        if mv.manifest.family == "pix2pix":
+            if direction != "AtoB":
+                raise InvalidArgument(f"direction: {model!r} is a pix2pix model, which translates one way "
+                                      "(AtoB); train it with --direction BtoA for the other")
+            graph = "generator"
+        else:
+            graph = "generator_ab" if direction == "AtoB" else "generator_ba"
+        source = self._images(images, mv.manifest)
+        out = await self.batcher(mv, graph).run({"source": source}, deadline)
+        return SampleResult(out["image"], NO_LABELS, None, mv.name, mv.version)
+
+    async def encode(self, model: str, images: np.ndarray, labels: Sequence[int] | None = None,
+                     version: int | None = None, deadline: float | None = None) -> EncodeResult:
+        """A vae's posterior (mean, logvar) per image.
+
+        A conditional vae encodes an image given its class: pass the images' labels (one per image or
+        one for all); like every task, labels default to i % K.
+        """
+        mv = self._resolve(model, version, ("vae",), "encode")
+        images = self._images(images, mv.manifest)
+        info = mv.manifest.graphs["encoder"]
+        labels = _labels(labels, len(images), mv.manifest)
+        out = await self.batcher(mv, "encoder").run(_with_label({"image": images}, info, labels, len(images)),
+                                                    deadline)
+        return EncodeResult(out["mean"], out["logvar"], _or_none(labels), mv.name, mv.version)
+
+    async def decode(self, model: str, z: np.ndarray, labels: Sequence[int] | None = None,
+                     version: int | None = None, deadline: float | None = None) -> SampleResult:
+        """A vae's decoder on given latents [n, latent]; labels default to i % K on a conditional vae."""
+        mv = self._resolve(model, version, ("vae",), "decode")
+        info = mv.manifest.graphs["decoder"]
+        z = self._tensor("z", z, _input(info, "z"))
+        labels = _labels(labels, len(z), mv.manifest)
+        out = await self.batcher(mv, "decoder").run(_with_label({"z": z}, info, labels, len(z)), deadline)
+        return SampleResult(out["image"], _or_none(labels), None, mv.name, mv.version)
+
+    async def generate(self, model: str, n: int, seed: int | None = None, labels: Sequence[int] | None = None,
+                       guidance: float | None = None, sampler: str = "ddim", steps: int = 50,
+                       eta: float | None = 0.0, preview_every: int = 0, version: int | None = None,
+                       deadline: float | None = None) -> AsyncIterator[Progress | Final]:
+        """Diffusion sampling: yields Progress(step, total, preview) after every step, then Final(result).
+
+        guidance defaults to the model's training-time value (conditional models; ignored otherwise),
+        eta None to 0. Closing the iterator or cancelling its task takes the request out of the loop
+        within one step.
+        """
+        mv, params = self._generation(model, n, seed, labels, guidance, sampler, steps, eta, preview_every,
+                                      version, deadline)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        req = self.scheduler(mv).submit(deliver=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+                                        **params)
+        try:
+            while True:
+                event = _event(await events.get(), req, mv)
+                yield event
+                if isinstance(event, Final):
+                    return
+        finally:
+            req.cancel()
+
+    async def infer(self, name: str, inputs: dict[str, np.ndarray], version: int | None = None,
+                    deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Run one graph, named "<model>.<graph>" (e.g. "gan.generator"), through its batcher (for OIP)."""
+        mv, graph = self.resolve_graph(name, version)
+        info = mv.manifest.graphs[graph]
+        if not isinstance(inputs, dict):
+            raise InvalidArgument("inputs: expected a dict of input name -> array")
+        missing = [t.name for t in info.inputs if t.name not in inputs]
+        extra = sorted(set(inputs) - {t.name for t in info.inputs})
+        if missing or extra:
+            problem = (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else "")
+            raise InvalidArgument(f"inputs: {name} takes {[t.name for t in info.inputs]}{problem}")
+        feeds = {t.name: self._tensor(t.name, inputs[t.name], t) for t in info.inputs}
+        rows = {len(v) for v in feeds.values()}
+        if len(rows) != 1:
+            raise InvalidArgument(f"inputs: every input of {name} needs the same batch size, got "
+                                  + ", ".join(f"{k}: {len(v)}" for k, v in feeds.items()))
+        _check_domains(feeds, mv.manifest)
+        return await self.batcher(mv, graph).run(feeds, deadline)
+
+    def _generation(self, model: str, n: int, seed: int | None = None, labels: Sequence[int] | None = None,
+                    guidance: float | None = None, sampler: str = "ddim", steps: int = 50, eta: float | None = 0.0,
+                    preview_every: int = 0, version: int | None = None,
+                    deadline: float | None = None) -> tuple[ModelVersion, dict]:
+        """Validate a generate request: (the model version, the scheduler's submit arguments)."""
+        mv = self._resolve(model, version, ("diffusion",), "generate")
+        m = mv.manifest
+        n = self._check_n(n)
+        seed = _check_seed(seed)
+        samplers = _samplers(m)
+        if sampler not in samplers:
+            raise InvalidArgument(f"sampler: {sampler!r} is not one of {', '.join(samplers)}")
+        T = int(m.diffusion["num_train_timesteps"])
+        if not _is_int(steps) or not 1 <= steps <= min(MAX_STEPS, T):
+            raise InvalidArgument(f"steps: must be between 1 and {min(MAX_STEPS, T)}, got {steps!r}")
+        if guidance is None:
+            guidance = float(m.raw.get("config", {}).get("guidance", 3.0)) if m.classes else 1.0
+        guidance = _check_float("guidance", guidance, 0.0, MAX_GUIDANCE)
+        eta = _check_float("eta", 0.0 if eta is None else eta, 0.0, 1.0)
+        if not _is_int(preview_every) or preview_every < 0:
+            raise InvalidArgument(f"preview_every: must be an integer >= 0 (0 = no previews), got "
+                                  f"{preview_every!r}")
+        labels = _labels(labels, n, m)
+        return mv, dict(seed=seed, labels=labels if labels is not None else np.zeros(n, np.int64),
+                        guidance=guidance, eta=eta, sampler=samplers[sampler], steps=int(steps),
+                        preview_every=int(preview_every), deadline=deadline)
+
+    # --- validation ------------------------------------------------------------------------------
+
+    def _check_n(self, n) -> int:
+        if not _is_int(n) or not 1 <= n <= self.max_n:
+            raise InvalidArgument(f"n: must be between 1 and {self.max_n}, got {n!r}")
+        return int(n)
+
+    def _rows(self, field_name: str, rows: int) -> None:
+        if not 1 <= rows <= self.max_n:
+            raise InvalidArgument(f"{field_name}: between 1 and {self.max_n} rows per request, got {rows}")
+
+    def _images(self, images, manifest: Manifest, field_name: str = "images") -> np.ndarray:
+        spec = manifest.image
+        expected = (spec["channels"], spec["height"], spec["width"])
+        try:
+            x = np.asarray(images)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"{field_name}: not an array ({e})") from None
+        if x.ndim != 4 or x.shape[1:] != expected:
+            raise InvalidArgument(f"{field_name}: expected float NCHW with (C, H, W) = {expected} "
+                                  f"({manifest.name} takes {spec['height']}x{spec['width']}, "
+                                  f"{spec['channels']} channel(s)), got shape {x.shape}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise InvalidArgument(f"{field_name}: expected floats in [-1, 1], got {x.dtype}")
+        self._rows(field_name, len(x))
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        _check_finite(field_name, x)
+        return x
+
+    def _tensor(self, field_name: str, value, spec) -> np.ndarray:
+        """An input checked against its manifest TensorInfo: dtype kind, shape (-1 = any), rows, finite."""
+        try:
+            x = np.asarray(value)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"{field_name}: not an array ({e})") from None
+        want = NP_DTYPES[spec.dtype]
+        kind_ok = np.issubdtype(x.dtype, np.floating) if np.issubdtype(want, np.floating) else \
+            np.issubdtype(x.dtype, np.integer)
+        if not kind_ok:
+            raise InvalidArgument(f"{field_name}: expected {spec.dtype}, got {x.dtype}")
+        shape = tuple(spec.shape)
+        if x.ndim != len(shape) or any(s != -1 and s != d for s, d in zip(shape[1:], x.shape[1:])):
+            raise InvalidArgument(f"{field_name}: expected shape {list(shape)} (-1 = any), got {list(x.shape)}")
+        self._rows(field_name, len(x))
+        x = np.ascontiguousarray(x, dtype=want)
+        if np.issubdtype(want, np.floating):
+            _check_finite(field_name, x)
+        return x
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _input(info: GraphInfo, name: str):
+    return next(t for t in info.inputs if t.name == name)
+
+
+def _image_shape(m: Manifest) -> tuple[int, int, int]:
+    return m.image["channels"], m.image["height"], m.image["width"]
+
+
+def _samplers(m: Manifest) -> dict[str, int]:
+    return dict((m.diffusion or {}).get("samplers") or SAMPLERS)
+
+
+def _check_seed(seed) -> int:
+    if seed is None:
+        return secrets.randbits(63)
+    if not _is_int(seed) or not 0 <= seed < 2**64:
+        raise InvalidArgument(f"seed: expected an integer in [0, 2^64), got {seed!r}")
+    return int(seed)
+
+
+def _check_float(field_name: str, value, lo: float, hi: float) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or not lo <= value <= hi:
+        raise InvalidArgument(f"{field_name}: must be a finite number between {lo:g} and {hi:g}, got {value!r}")
+    return float(value)
+
+
+def _check_finite(field_name: str, x: np.ndarray) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InvalidArgument(f"{field_name}: NaN or Inf at index {list(index)}")
+
+
+def _labels(labels, n: int, m: Manifest) -> np.ndarray | None:
+    """Labels for n rows: None -> i % K (conditional) or None (unconditional); one label -> all rows."""
+    k = m.num_classes
+    if labels is None:
+        return np.arange(n, dtype=np.int64) % k if k else None
+    if not k:
+        raise InvalidArgument(f"labels: {m.name!r} is unconditional (no classes); leave labels out")
+    if _is_int(labels):
+        values = [labels]
+    elif isinstance(labels, np.ndarray):
+        values = list(labels.reshape(-1))
+    else:
+        try:
+            values = list(labels)
+        except TypeError:
+            raise InvalidArgument(f"labels: expected a list of class indices, got {labels!r}") from None
+    if len(values) == 0:
+        return np.arange(n, dtype=np.int64) % k
+    if len(values) not in (1, n):
+        raise InvalidArgument(f"labels: give none, one, or one per image ({n}), got {len(values)}")
+    for i, v in enumerate(values):
+        if not _is_int(v) or not 0 <= v < k:
+            raise InvalidArgument(f"labels[{i}]: must be a class index between 0 and {k - 1}, got {v!r}")
+    out = np.asarray(values, dtype=np.int64)
+    return np.repeat(out, n) if len(out) == 1 else out
+
+
+def _or_none(labels: np.ndarray | None) -> np.ndarray:
+    return NO_LABELS if labels is None else labels
+
+
+def _event(event: object, req: GenerationRequest, mv: ModelVersion) -> Progress | Final:
+    """A scheduler event as generate yields it; errors are raised."""
+    if isinstance(event, ServeError):
+        raise event
+    if isinstance(event, Done):
+        labels = req.labels if mv.manifest.classes else NO_LABELS
+        return Final(SampleResult(event.images, labels, req.seed, mv.name, mv.version))
+    return event
+
+
+def _with_label(feeds: dict, info: GraphInfo, labels: np.ndarray | None, n: int) -> dict:
+    if any(t.name == "label" for t in info.inputs):
+        feeds["label"] = labels if labels is not None else np.zeros(n, np.int64)
+    return feeds
+
+
+def _check_domains(feeds: dict[str, np.ndarray], m: Manifest) -> None:
+    """Integer inputs that index tables inside the graph: out of range would fail the whole batch."""
+    k = m.num_classes
+    limits = {}
+    if "label" in feeds:
+        # the diffusion graphs also take the null class K; an unconditional step graph ignores its label
+        limits["label"] = (0, k) if m.family == "diffusion" else (0, k - 1)
+        if m.family == "diffusion" and not k:
+            limits["label"] = (0, 0)
+    if m.family == "diffusion":
+        T = int(m.diffusion["num_train_timesteps"])
+        limits.update(t=(0, T - 1), t_prev=(-1, T - 1), t_last=(-1, T - 1),
+                      sampler=(min(_samplers(m).values()), max(_samplers(m).values())))
+    for name, (lo, hi) in limits.items():
+        if name in feeds and len(feeds[name]):
+            v = feeds[name]
+            if v.min() < lo or v.max() > hi:
+                bad = int(v[(v < lo) | (v > hi)][0])
+                raise InvalidArgument(f"{name}: values must be between {lo} and {hi}, got {bad}")
+
+
+class SyncRuntime:
+    """Blocking versions of the task methods, for code without a running event loop.
+
+    The batchers and the scheduler are thread-based, so each call simply runs the coroutine to
+    completion on a private event loop; calling these from inside a running loop is an error (await
+    the Runtime's methods there).
+    """
+
+    def __init__(self, runtime: Runtime):
+        self._rt = runtime
+
+    def sample(self, *args, **kwargs) -> SampleResult:
+        return asyncio.run(self._rt.sample(*args, **kwargs))
+
+    def translate(self, *args, **kwargs) -> SampleResult:
+        return asyncio.run(self._rt.translate(*args, **kwargs))
+
+    def encode(self, *args, **kwargs) -> EncodeResult:
+        return asyncio.run(self._rt.encode(*args, **kwargs))
+
+    def decode(self, *args, **kwargs) -> SampleResult:
+        return asyncio.run(self._rt.decode(*args, **kwargs))
+
+    def infer(self, *args, **kwargs) -> dict[str, np.ndarray]:
+        return asyncio.run(self._rt.infer(*args, **kwargs))
+
+    def generate(self, *args, **kwargs) -> Iterator[Progress | Final]:
+        """A plain generator of the same events; closing it cancels the request."""
+        mv, params = self._rt._generation(*args, **kwargs)
+        events: queue.Queue = queue.Queue()
+        req = self._rt.scheduler(mv).submit(deliver=events.put, **params)
+        try:
+            while True:
+                event = _event(events.get(), req, mv)
+                yield event
+                if isinstance(event, Final):
+                    return
+        finally:
+            req.cancel()
+

@@ -1,0 +1,237 @@
+"""gen.v1.Generator, health, reflection, metrics and the CLI client against the real server."""
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import subprocess
+import sys
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+from protos import generator_pb2 as pb
+from protos import generator_pb2_grpc as pb_grpc
+from serve.client import GenClient, Images, ProgressEvent
+from tests.serve.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with GenClient(server.target, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    channel = grpc.insecure_channel(server.target)
+    yield pb_grpc.GeneratorStub(channel)
+    channel.close()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_list_models(client):
+    models = {m.name: m for m in client.list_models()}
+    assert set(models) == {f"tiny-{f}" for f in ("vae", "gan", "pix2pix", "cyclegan", "diffusion")}
+    gan = models["tiny-gan"]
+    assert gan.family == "gan" and gan.task == "sample" and gan.state == "READY" and len(gan.classes) == 10
+    assert models["tiny-diffusion"].task == "denoise" and models["tiny-pix2pix"].channels == 3
+
+
+@pytest.mark.parametrize("model", ["tiny-gan", "tiny-vae"])
+def test_sample_is_seeded_per_image(client, model):
+    eight = client.sample(model, n=8, seed=5)
+    four = client.sample(model, n=4, seed=5)
+    assert eight.pixels.shape == (8, 32, 32, 1) and eight.pixels.dtype == np.uint8
+    assert np.array_equal(eight.pixels[:4], four.pixels), "sample i must not depend on n"
+    assert eight.labels == [i % 10 for i in range(8)] and eight.seed == 5
+    labelled = client.sample(model, n=3, seed=5, labels=[7])
+    assert labelled.labels == [7, 7, 7]
+
+
+def test_translate_png_and_directions(client):
+    rng = np.random.default_rng(0)
+    images = [_png(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    out = client.translate("tiny-pix2pix", images)
+    assert out.pixels.shape == (3, 32, 32, 3)
+    ab = client.translate("tiny-cyclegan", images, direction="AtoB")
+    ba = client.translate("tiny-cyclegan", images, direction="BtoA")
+    assert ab.pixels.shape == ba.pixels.shape == (3, 32, 32, 3)
+    assert not np.array_equal(ab.pixels, ba.pixels)
+
+
+def test_encode_decode(client):
+    digit = _png(np.full((32, 32), 200, np.uint8))
+    mean, logvar = client.encode("tiny-vae", [digit, digit], labels=[3])
+    assert mean.shape == logvar.shape and mean.shape[0] == 2
+    recon = client.decode("tiny-vae", mean, labels=[3])
+    assert recon.pixels.shape == (2, 32, 32, 1)
+
+
+def test_raw_tensor_format(stub):
+    resp = stub.Sample(pb.SampleRequest(model="tiny-gan", n=2, seed=1, format=pb.RAW))
+    assert list(resp.tensor.shape) == [2, 1, 32, 32] and not resp.png
+    x = np.frombuffer(resp.tensor.data, "<f4")
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_generate_streams_progress_then_images(client):
+    events = list(client.generate("tiny-diffusion", n=2, seed=3, steps=5, sampler="ddim", labels=[1, 2],
+                                  preview_every=2))
+    progress = [e for e in events if isinstance(e, ProgressEvent)]
+    assert [p.step for p in progress] == [1, 2, 3, 4, 5] and all(p.total == 5 for p in progress)
+    assert progress[1].preview is not None and progress[0].preview is None
+    final = events[-1]
+    assert isinstance(final, Images) and final.pixels.shape == (2, 32, 32, 1) and final.labels == [1, 2]
+    again = [e for e in client.generate("tiny-diffusion", n=2, seed=3, steps=5, labels=[1, 2])][-1]
+    assert np.array_equal(final.pixels, again.pixels)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_every_sampler(client, sampler):
+    final = list(client.generate("tiny-diffusion", n=1, seed=0, steps=3, sampler=sampler))[-1]
+    assert final.pixels.shape == (1, 32, 32, 1)
+
+
+def test_concurrent_generate_mixed_steps_share_step_runs(server):
+    """16 concurrent Generate requests with different step counts: fewer step-graph runs than the sum of
+    their steps, and each equal to the same request served alone (RAW tensors, <= 1e-4)."""
+    import tritonclient.grpc as triton
+
+    steps = [3 + (i % 4) for i in range(16)]
+    stats = triton.InferenceServerClient(server.target)
+
+    def runs():
+        return int(stats.get_inference_statistics("tiny-diffusion.step", as_json=True)["model_stats"][0]
+                   .get("execution_count", 0))
+
+    def generate(i):
+        channel = grpc.insecure_channel(server.target)
+        stub = pb_grpc.GeneratorStub(channel)
+        req = pb.GenerateRequest(model="tiny-diffusion", n=1, seed=100 + i, steps=steps[i], labels=[i % 10],
+                                 sampler=["ddim", "ddpm", "dpm++"][i % 3], format=pb.RAW)
+        last = list(stub.Generate(req, timeout=120))[-1].result
+        channel.close()
+        return np.frombuffer(last.tensor.data, "<f4")
+
+    before = runs()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(generate, range(16)))
+    used = runs() - before
+    assert used < sum(steps), (used, sum(steps))
+    for i in (0, 5, 10, 15):
+        alone = generate(i)
+        assert np.abs(alone - together[i]).max() <= 1e-4
+
+
+def test_cancelled_generate_stops(server, client):
+    """A client that cancels mid-stream frees the server: a long request is abandoned after 2 events."""
+    import tritonclient.grpc as triton
+
+    stats = triton.InferenceServerClient(server.target)
+    runs = lambda: int(stats.get_inference_statistics("tiny-diffusion.step", as_json=True)  # noqa: E731
+                       ["model_stats"][0].get("execution_count", 0))
+    before = runs()
+    stream = client.generate("tiny-diffusion", n=1, seed=0, steps=1000)
+    for i, _ in enumerate(stream):
+        if i == 1:
+            break
+    stream.close()
+    import time
+
+    time.sleep(1.0)
+    settled = runs()
+    time.sleep(1.0)
+    assert runs() == settled, "the cancelled request kept running"
+    assert settled - before < 1000
+
+
+@pytest.mark.parametrize("request_,field", [
+    (pb.SampleRequest(model="nope", n=1), "NOT_FOUND"),
+    (pb.SampleRequest(model="tiny-gan", n=0), "n"),
+    (pb.SampleRequest(model="tiny-gan", n=2, labels=[10]), "labels"),
+    (pb.SampleRequest(model="tiny-gan", n=3, labels=[1, 2]), "labels"),
+    (pb.SampleRequest(model="../etc", n=1), "model"),
+    (pb.SampleRequest(model="tiny-pix2pix", n=1), "tiny-pix2pix"),
+])
+def test_sample_errors_name_the_field(stub, request_, field):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Sample(request_)
+    assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                                 grpc.StatusCode.FAILED_PRECONDITION)
+    assert field in info.value.details() or field == info.value.code().name
+
+
+@pytest.mark.parametrize("request_,field", [
+    (pb.GenerateRequest(model="tiny-diffusion", n=1, steps=5, sampler="euler"), "sampler"),
+    (pb.GenerateRequest(model="tiny-diffusion", n=1, steps=1001), "steps"),
+    (pb.GenerateRequest(model="tiny-diffusion", n=1, steps=-3), "steps"),
+    (pb.GenerateRequest(model="tiny-diffusion", n=1, steps=5, eta=2.0), "eta"),
+    (pb.GenerateRequest(model="tiny-diffusion", n=1, steps=5, guidance=float("nan")), "guidance"),
+])
+def test_generate_errors_name_the_field(stub, request_, field):
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(request_))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in info.value.details()
+
+
+def test_translate_rejects_bytes_that_are_not_an_image(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Translate(pb.TranslateRequest(model="tiny-pix2pix", images=[b"not a png"]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "images" in info.value.details()
+
+
+def test_health_and_reflection(server):
+    channel = grpc.insecure_channel(server.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "gen.v1.Generator", "inference.GRPCInferenceService"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"gen.v1.Generator", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+    channel.close()
+
+
+def test_metrics_endpoint(server, client):
+    client.sample("tiny-gan", n=2, seed=0)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'nv_inference_request_success{model="tiny-gan.generator",version="1"}' in body
+    assert "nv_inference_exec_count" in body and "nv_inference_queue_duration_us" in body
+
+
+def test_cli_client_commands(server, tmp_path):
+    def gen(*args):
+        return subprocess.run([sys.executable, "-m", "gen", *args, "--server", server.target], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    out = tmp_path / "s.png"
+    proc = gen("sample", "--model", "tiny-gan", "-n", "4", "--seed", "1", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size[0] > 32
+    proc = gen("generate", "--model", "tiny-diffusion", "-n", "2", "--steps", "3", "-o", str(tmp_path / "g.png"))
+    assert proc.returncode == 0 and "step 3/3" in proc.stderr, proc.stderr
+    img = tmp_path / "in.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    proc = gen("translate", "--model", "tiny-cyclegan", "--direction", "BtoA", str(img), "-o", str(tmp_path / "t.png"))
+    assert proc.returncode == 0, proc.stderr
+    proc = gen("encode", "--model", "tiny-vae", str(img), "-o", str(tmp_path / "e.npz"))
+    assert proc.returncode == 0 and np.load(tmp_path / "e.npz")["mean"].shape[0] == 1
+    proc = gen("sample", "--model", "nope", "-o", str(out))
+    assert proc.returncode != 0 and proc.stderr.startswith("gen: error: NOT_FOUND") and "Traceback" not in proc.stderr
+
+
+def test_serve_refuses_an_empty_repository(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gen", "serve", "--repo", str(tmp_path / "none")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "gen export" in proc.stderr and "Traceback" not in proc.stderr

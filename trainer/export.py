@@ -1,0 +1,246 @@
+"""`gen export`: a trained run -> exported/<name>/<version>/, verified before it becomes visible.
+
+Each graph is exported with the dynamo exporter (eval mode, dynamic batch axis, one self-contained
+file), checked with onnx.checker, and run in onnxruntime against PyTorch at batch 1 and 7. Diffusion
+models also drive a 50-step DDIM loop through the ONNX step graph and compare it with the same loop in
+PyTorch. Everything is written under a hidden temporary folder that is renamed into place only when
+every check passed, so readers (the server, `gen models`) never see half a version.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from serve.manifest import FORMAT, NAME_RE, SAMPLERS, TASKS, file_sha256, parse_manifest
+from trainer.loop import atomic_write, load_run
+from trainer.models import ConfigError, ExportGraph, Family, TensorSpec
+
+FP32_TOLERANCE = 1e-4
+FP16_TOLERANCE = 1e-2  # on the [-1, 1] image scale
+DDIM_TOLERANCE = 1e-3
+PARITY_BATCHES = (1, 7)
+DEFAULT_OPSET = 18
+
+
+class ExportError(RuntimeError):
+    """Verification failed; nothing was written."""
+
+
+def example_inputs(specs: dict[str, TensorSpec], batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Random inputs inside each spec's range, batch axis set to `batch`."""
+    out = []
+    for spec in specs.values():
+        shape = (batch, *spec.shape[1:])
+        if spec.dtype == "int64":
+            out.append(torch.randint(int(spec.low), int(spec.high), shape, generator=generator))
+        else:
+            out.append(torch.rand(shape, generator=generator) * (spec.high - spec.low) + spec.low)
+    return out
+
+
+def export_graph(graph: ExportGraph, path: Path, opset: int) -> None:
+    """One graph -> one self-contained .onnx file with a dynamic batch axis on every input."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    args = tuple(example_inputs(graph.inputs, 2, torch.Generator().manual_seed(0)))
+    module = graph.module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
+                                    input_names=list(graph.inputs), output_names=list(graph.outputs),
+                                    dynamic_shapes=tuple({0: batch} for _ in graph.inputs), verbose=False)
+    program.save(str(path), external_data=False)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def parity(graph: ExportGraph, path: Path, fp16: bool = False) -> dict[str, float]:
+    """Max abs difference between onnxruntime and PyTorch per output, at each parity batch size."""
+    session = _session(path)
+    result = {}
+    gen = torch.Generator().manual_seed(1234)
+    for batch in PARITY_BATCHES:
+        args = example_inputs(graph.inputs, batch, gen)
+        with torch.no_grad():
+            expected = graph.module(*args)
+        expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+        feeds = {name: a.numpy().astype(np.float16) if fp16 and a.is_floating_point() else a.numpy()
+                 for name, a in zip(graph.inputs, args)}
+        got = session.run(list(graph.outputs), feeds)
+        result[f"batch_{batch}"] = max(float(np.abs(g.astype(np.float32) - e.numpy()).max())
+                                       for g, e in zip(got, expected))
+    return result
+
+
+def ddim_loop_parity(family: Family, step_path: Path, steps: int = 50, batch: int = 4) -> float:
+    """A 50-step DDIM run through the ONNX step graph vs the same loop in PyTorch: final max abs diff."""
+    from trainer.models.diffusion import run_sampler, timestep_pairs
+
+    graph = family.export_graphs()["step"]
+    k = family.info.num_classes
+    labels = torch.arange(batch) % max(k, 1)
+    x_T = torch.randn((batch, family.info.channels, family.info.size, family.info.size),
+                      generator=torch.Generator().manual_seed(7))
+    guidance = 3.0 if k else 1.0
+    with torch.no_grad():
+        expected = run_sampler(graph.module, x_T, labels, "ddim", steps, guidance, 0.0,
+                               torch.Generator().manual_seed(8))
+
+    session = _session(step_path)
+    x = x_T.numpy().copy()
+    x0_prev = np.zeros_like(x)
+    t_last = np.full(batch, -1, np.int64)
+    noise = np.zeros_like(x)  # DDIM with eta 0 adds none
+    full = lambda v, dt: np.full(batch, v, dt)  # noqa: E731
+    for t, t_prev in timestep_pairs(steps, family.config.num_train_timesteps):
+        feeds = {"x_t": x, "t": full(t, np.int64), "t_prev": full(t_prev, np.int64), "label": labels.numpy(),
+                 "guidance": full(guidance, np.float32), "eta": full(0.0, np.float32), "noise": noise,
+                 "sampler": full(SAMPLERS["ddim"], np.int64), "x0_prev": x0_prev, "t_last": t_last}
+        x, x0_prev = session.run(["x_prev", "x0"], {n: feeds[n] for n in graph.inputs})
+        t_last = full(t, np.int64)
+    return float(np.abs(x - expected.numpy()).max())
+
+
+def _fp16_variant(src: Path, dst: Path) -> None:
+    """Half-precision weights and activations, float32 inputs and outputs (keep_io_types)."""
+    import onnx
+    from onnxconverter_common import float16
+
+    model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+
+
+def _tensor_json(specs: dict[str, TensorSpec]) -> list[dict]:
+    return [{"name": n, "dtype": s.dtype, "shape": list(s.shape)} for n, s in specs.items()]
+
+
+def next_version(model_dir: Path) -> int:
+    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] \
+        if model_dir.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def export_model(run_dir: str | Path, name: str, repo: str | Path = "exported", version: int | None = None,
+                 opset: int = DEFAULT_OPSET, fp16: bool = False, max_batch_size: int = 64,
+                 log=lambda msg: None) -> Path:
+    """Export, verify and publish a run as exported/<name>/<version>/; returns the version folder."""
+    if not NAME_RE.match(name):
+        raise ConfigError(f"--name {name!r}: use lower-case letters, digits, '.', '_' or '-' "
+                          f"(pattern {NAME_RE.pattern})")
+    if version is not None and version < 1:
+        raise ConfigError(f"--version {version}: versions are positive integers")
+    if not 17 <= opset <= 21:
+        raise ConfigError(f"--opset {opset}: use an opset from 17 to 21")
+    family, dataset, record = load_run(run_dir)
+    model_dir = Path(repo) / name
+    version = version or next_version(model_dir)
+    final = model_dir / str(version)
+    if final.exists():
+        raise ConfigError(f"--version {version}: {final} exists already; omit --version for the next one")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f".tmp-{version}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        graphs_json, model_parity = {}, {}
+        graphs = family.export_graphs()
+        for gname, graph in graphs.items():
+            path = tmp / f"{gname}.onnx"
+            log(f"exporting {gname}")
+            export_graph(graph, path, opset)
+            _check(path)
+            result = parity(graph, path)
+            worst = max(result.values())
+            log(f"  {gname}: onnx.checker ok, max abs diff vs PyTorch {worst:.2e} (batch 1 and 7)")
+            if worst > FP32_TOLERANCE:
+                raise ExportError(f"graph {gname}: onnxruntime differs from PyTorch by {worst:.3g} "
+                                  f"(tolerance {FP32_TOLERANCE}); nothing was written")
+            entry = {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size,
+                     "inputs": _tensor_json(graph.inputs), "outputs": _tensor_json(graph.outputs),
+                     "parity": {**result, "tolerance": FP32_TOLERANCE}}
+            if fp16:
+                half = tmp / f"{gname}.fp16.onnx"
+                _fp16_variant(path, half)
+                result16 = parity(graph, half, fp16=False)
+                worst16 = max(result16.values())
+                log(f"  {gname}.fp16: max abs diff vs PyTorch fp32 {worst16:.2e}")
+                if worst16 > FP16_TOLERANCE:
+                    raise ExportError(f"graph {gname} fp16: differs from PyTorch by {worst16:.3g} "
+                                      f"(tolerance {FP16_TOLERANCE}); nothing was written")
+                entry["fp16"] = {"file": half.name, "sha256": file_sha256(half), "bytes": half.stat().st_size,
+                                 "parity": {**result16, "tolerance": FP16_TOLERANCE}}
+            graphs_json[gname] = entry
+        if family.name == "diffusion":
+            err = ddim_loop_parity(family, tmp / "step.onnx")
+            log(f"  50-step DDIM loop through the step graph vs PyTorch: max abs diff {err:.2e}")
+            if err > DDIM_TOLERANCE:
+                raise ExportError(f"50-step DDIM loop: ONNX differs from PyTorch by {err:.3g} "
+                                  f"(tolerance {DDIM_TOLERANCE}); nothing was written")
+            model_parity["ddim_50_steps"] = {"max_abs": err, "tolerance": DDIM_TOLERANCE}
+        manifest = _manifest(family, dataset, record, name, version, opset, graphs_json, model_parity,
+                             max_batch_size)
+        parse_manifest(manifest)  # the server's own schema check, before anything is published
+        atomic_write(tmp / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        os.replace(tmp, final)  # the publish step: one rename
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{path.name}: onnx.checker refused the graph: {str(e).splitlines()[0]}") from None
+
+
+def _manifest(family: Family, dataset, record: dict, name: str, version: int, opset: int, graphs: dict,
+              model_parity: dict, max_batch_size: int) -> dict:
+    info = family.info
+    manifest = {
+        "format": FORMAT,
+        "name": name,
+        "version": version,
+        "family": family.name,
+        "task": TASKS[family.name],
+        "opset": opset,
+        "graphs": graphs,
+        "image": {"channels": info.channels, "height": info.size, "width": info.size, "range": [-1.0, 1.0],
+                  "to_uint8": "round((x + 1) * 127.5), clipped to [0, 255]"},
+        "classes": list(info.class_names),
+        "serving": {"max_batch_size": max_batch_size, "max_queue_delay_ms": 2},
+        "config": dataclasses.asdict(family.config),
+        "provenance": {
+            "dataset": dataset.source,
+            "steps": record["step"],
+            "seed": record["train"]["seed"],
+            "git_commit": record.get("git_commit"),
+            "torch": record.get("torch"),
+            "trained_with": {k: record["train"][k] for k in ("image_size", "batch_size", "lr", "direction")},
+            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "parity": model_parity,
+    }
+    if family.name == "diffusion":
+        cfg = family.config
+        manifest["diffusion"] = {"num_train_timesteps": cfg.num_train_timesteps, "schedule": cfg.schedule,
+                                 "prediction": cfg.prediction, "timestep_spacing": "trailing",
+                                 "null_label": info.num_classes, "samplers": SAMPLERS}
+    return manifest
