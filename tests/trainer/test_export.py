@@ -143,3 +143,16 @@ def test_models_verify_reports_a_one_byte_change(repo, tmp_path):
         if family != "pix2pix":
             assert any(line.startswith(f"tiny-{family} ") and "BROKEN" not in line for line in lines)
     assert f"{len(FAMILIES) - 1} healthy, 1 broken" in proc.stdout
+
+
+def test_fp16_variant(repo, tmp_path):
+    from trainer.export import FP16_TOLERANCE
+
+    vdir = export_model(repo / "runs" / "vae", "vae16", repo=tmp_path / "exported", fp16=True)
+    m = read_manifest(vdir)
+    for g in m.graphs.values():
+        assert g.fp16_file == f"{g.name}.fp16.onnx" and (vdir / g.fp16_file).is_file()
+        fp16 = m.raw["graphs"][g.name]["fp16"]["parity"]
+        assert fp16["batch_1"] <= FP16_TOLERANCE and fp16["batch_7"] <= FP16_TOLERANCE
+        assert (vdir / g.fp16_file).stat().st_size < (vdir / g.file).stat().st_size
+    assert [e.healthy for e in scan_repository(tmp_path / "exported", verify=True)] == [True]

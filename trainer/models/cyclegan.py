@@ -143,18 +143,18 @@ class CycleGAN(Family):
     def check(cls, config: CycleGANConfig, info: DataInfo) -> None:
         check_image(cls.name, info)
         if config.width < 1:
-            raise ConfigError(f"--width {config.width} must be at least 1")
+            raise ConfigError(f"--set width={config.width} must be at least 1")
         if config.n_blocks < 0:
-            raise ConfigError(f"--n-blocks {config.n_blocks} must be at least 0")
+            raise ConfigError(f"--set n_blocks={config.n_blocks} must be at least 0")
         if config.gan_loss not in GAN_LOSSES:
-            raise ConfigError(f"--gan-loss {config.gan_loss} is not supported: use one of "
+            raise ConfigError(f"--set gan_loss={config.gan_loss} is not supported: use one of "
                               f"{', '.join(GAN_LOSSES)}")
         if config.pool_size < 0:
-            raise ConfigError(f"--pool-size {config.pool_size} must be at least 0")
+            raise ConfigError(f"--set pool_size={config.pool_size} must be at least 0")
         if config.steps < 1:
             raise ConfigError(f"--steps {config.steps} must be at least 1")
         if not 0 <= config.decay_start <= 1:
-            raise ConfigError(f"--decay-start {config.decay_start} must be a fraction in [0, 1]")
+            raise ConfigError(f"--set decay_start={config.decay_start} must be a fraction in [0, 1]")
 
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         c = self.config

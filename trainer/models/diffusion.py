@@ -351,26 +351,26 @@ class Diffusion(Family):
         if info.channels not in (1, 3):
             raise ConfigError(f"--channels {info.channels} is not supported: use 1 or 3")
         if config.width < NORM_GROUPS or config.width % NORM_GROUPS:
-            raise ConfigError(f"--width {config.width} is not supported by diffusion: "
+            raise ConfigError(f"--set width={config.width} is not supported by diffusion: "
                               f"use a multiple of {NORM_GROUPS} (GroupNorm groups)")
         mult = tuple(config.channel_mult)
         if not mult or min(mult) < 1 or info.size % 2 ** (len(mult) - 1) or info.size >> (len(mult) - 1) < 4:
-            raise ConfigError(f"--channel-mult {','.join(map(str, mult))} does not fit {info.size}x{info.size} "
+            raise ConfigError(f"--set channel_mult={','.join(map(str, mult))} does not fit {info.size}x{info.size} "
                               "images: one positive entry per level, lowest resolution at least 4")
         if config.num_res_blocks < 1:
-            raise ConfigError(f"--num-res-blocks {config.num_res_blocks}: use 1 or more")
+            raise ConfigError(f"--set num_res_blocks={config.num_res_blocks}: use 1 or more")
         if config.prediction not in PREDICTIONS:
-            raise ConfigError(f"--prediction {config.prediction}: use one of {', '.join(PREDICTIONS)}")
+            raise ConfigError(f"--set prediction={config.prediction}: use one of {', '.join(PREDICTIONS)}")
         if config.schedule not in SCHEDULES:
-            raise ConfigError(f"--schedule {config.schedule}: use one of {', '.join(SCHEDULES)}")
+            raise ConfigError(f"--set schedule={config.schedule}: use one of {', '.join(SCHEDULES)}")
         if config.num_train_timesteps < 2:
-            raise ConfigError(f"--num-train-timesteps {config.num_train_timesteps}: use 2 or more")
+            raise ConfigError(f"--set num_train_timesteps={config.num_train_timesteps}: use 2 or more")
         if not 1 <= config.sample_steps <= config.num_train_timesteps:
-            raise ConfigError(f"--sample-steps {config.sample_steps}: use 1 to {config.num_train_timesteps}")
+            raise ConfigError(f"--set sample_steps={config.sample_steps}: use 1 to {config.num_train_timesteps}")
         if not 0.0 <= config.p_uncond < 1.0:
-            raise ConfigError(f"--p-uncond {config.p_uncond}: use a probability in [0, 1)")
+            raise ConfigError(f"--set p_uncond={config.p_uncond}: use a probability in [0, 1)")
         if not 0.0 <= config.ema_decay < 1.0:
-            raise ConfigError(f"--ema-decay {config.ema_decay}: use a value in [0, 1)")
+            raise ConfigError(f"--set ema_decay={config.ema_decay}: use a value in [0, 1)")
         if config.conditional and not info.class_names:
             raise ConfigError("--conditional needs labelled data: these images have no classes")
 

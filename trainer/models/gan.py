@@ -2,12 +2,13 @@
 (Radford et al. 2016), with a choice of objective (BCE, least squares, hinge).
 
 With class labels the model is a conditional GAN (Mirza & Osindero 2014): the generator sees a label
-embedding concatenated to z, and the discriminator scores (image, label) pairs with a projection head
-(Miyato & Koyama 2018): logit = psi(h) + <embed(y), h> on its last features h. Projection makes the
-discriminator compare the image against the class it claims to be, which is what pushes the generator to
-draw the requested digit rather than any digit.
+embedding concatenated to z, and the discriminator sees a learned per-class map as one more image channel.
 
-The discriminator loss is the sum of its real and fake terms, each on its own batch.
+DCGAN's discriminator BatchNorm, applied to all-real and all-fake batches, is what stops an unconditional
+generator collapsing: a batch of identical fakes normalises to a constant. A conditional generator can
+collapse to one image per class instead, which BatchNorm does not see, so for conditional training the
+generator also gets the mode-seeking term of Mao et al. (2019): pairs of fakes with the same label and
+different z are pushed apart in proportion to their distance in z.
 """
 from __future__ import annotations
 
@@ -185,12 +186,14 @@ class GAN(Family):
     @classmethod
     def check(cls, config: GANConfig, info: DataInfo) -> None:
         if config.arch not in ARCHS:
-            raise ConfigError(f"--arch {config.arch} is not a GAN architecture: use one of {', '.join(ARCHS)}")
+            raise ConfigError(f"--set arch={config.arch} is not a GAN architecture: use one of {', '.join(ARCHS)}")
         if config.loss not in GAN_LOSSES:
-            raise ConfigError(f"--loss {config.loss} is not a GAN loss: use one of {', '.join(GAN_LOSSES)}")
+            raise ConfigError(f"--set loss={config.loss} is not a GAN loss: use one of {', '.join(GAN_LOSSES)}")
         check_common(config, info, config.arch, any_size=config.arch == "mlp")
         if config.z_dim < 1:
-            raise ConfigError(f"--z-dim {config.z_dim} must be at least 1")
+            raise ConfigError(f"--set z_dim={config.z_dim} must be at least 1")
+        if config.mode_seeking < 0:
+            raise ConfigError(f"--set mode_seeking={config.mode_seeking}: must be non-negative")
 
     def _label(self, y: torch.Tensor) -> torch.Tensor | None:
         return y.to(self.device) if self.conditional else None

@@ -125,14 +125,14 @@ class Pix2Pix(Family):
     def check(cls, config: Pix2PixConfig, info: DataInfo) -> None:
         check_image(cls.name, info)
         if config.width < 1:
-            raise ConfigError(f"--width {config.width} must be at least 1")
+            raise ConfigError(f"--set width={config.width} must be at least 1")
         if config.norm not in ("batch", "instance"):
-            raise ConfigError(f"--norm {config.norm} is not supported by pix2pix: use batch or instance")
+            raise ConfigError(f"--set norm={config.norm} is not supported by pix2pix: use batch or instance")
         if config.gan_loss not in GAN_LOSSES:
-            raise ConfigError(f"--gan-loss {config.gan_loss} is not supported: use one of "
+            raise ConfigError(f"--set gan_loss={config.gan_loss} is not supported: use one of "
                               f"{', '.join(GAN_LOSSES)}")
         if not 0 <= config.dropout < 1:
-            raise ConfigError(f"--dropout {config.dropout} must be in [0, 1)")
+            raise ConfigError(f"--set dropout={config.dropout} must be in [0, 1)")
 
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         c = self.config

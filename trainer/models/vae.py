@@ -140,9 +140,9 @@ class VAE(Family):
     def check(cls, config: VAEConfig, info: DataInfo) -> None:
         check_common(config, info, "vae")
         if config.latent_dim < 1:
-            raise ConfigError(f"--latent-dim {config.latent_dim} must be at least 1")
+            raise ConfigError(f"--set latent_dim={config.latent_dim} must be at least 1")
         if config.beta < 0:
-            raise ConfigError(f"--beta {config.beta} must be non-negative")
+            raise ConfigError(f"--set beta={config.beta} must be non-negative")
 
     def _label(self, y: torch.Tensor) -> torch.Tensor | None:
         return y.to(self.device) if self.conditional else None
@@ -215,13 +215,13 @@ def cycling_labels(n: int, num_classes: int, device: torch.device) -> torch.Tens
 def check_common(config, info: DataInfo, arch: str, any_size: bool = False) -> None:
     """Checks every image generator here shares: channels, size, width, conditioning."""
     if info.channels not in (1, 3):
-        raise ConfigError(f"images with {info.channels} channels are not supported: use 1 or 3")
+        raise ConfigError(f"--channels {info.channels} is not supported by {arch}: use 1 or 3")
     if not any_size and (info.size < 32 or info.size > 256 or info.size & (info.size - 1)):
         raise ConfigError(
             f"--image-size {info.size} is not supported by {arch}: use a power of two from 32 to 256")
     if info.size < 1:
         raise ConfigError(f"--image-size {info.size} must be positive")
     if config.width < 1:
-        raise ConfigError(f"--width {config.width} must be at least 1")
+        raise ConfigError(f"--set width={config.width} must be at least 1")
     if config.conditional and info.num_classes == 0:
         raise ConfigError("--conditional needs a dataset with classes: this one has none")

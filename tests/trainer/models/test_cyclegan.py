@@ -47,7 +47,7 @@ def test_check():
         CycleGAN.check(CycleGANConfig(), DataInfo("unpaired", 3, 100))
     with pytest.raises(ConfigError, match="channel"):
         CycleGAN.check(CycleGANConfig(), DataInfo("unpaired", 4, 32))
-    with pytest.raises(ConfigError, match="--decay-start"):
+    with pytest.raises(ConfigError, match="--set decay_start"):
         CycleGAN.check(CycleGANConfig(decay_start=1.5), INFO)
     with pytest.raises(ConfigError, match="--steps"):
         CycleGAN.check(CycleGANConfig(steps=0), INFO)

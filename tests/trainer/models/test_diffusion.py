@@ -112,13 +112,13 @@ def test_unconditional_by_default_without_classes():
 def test_check_rejects_bad_options():
     with pytest.raises(ConfigError, match="--image-size 48"):
         Diffusion.check(DiffusionConfig(), DataInfo("images", 1, 48))
-    with pytest.raises(ConfigError, match="--width 12"):
+    with pytest.raises(ConfigError, match="--set width=12"):
         Diffusion.check(DiffusionConfig(width=12), INFO)
-    with pytest.raises(ConfigError, match="--prediction"):
+    with pytest.raises(ConfigError, match="--set prediction"):
         Diffusion.check(DiffusionConfig(prediction="x0"), INFO)
-    with pytest.raises(ConfigError, match="--schedule"):
+    with pytest.raises(ConfigError, match="--set schedule"):
         Diffusion.check(DiffusionConfig(schedule="sqrt"), INFO)
-    with pytest.raises(ConfigError, match="--channel-mult"):
+    with pytest.raises(ConfigError, match="--set channel_mult"):
         Diffusion.check(DiffusionConfig(channel_mult=(1, 1, 1, 1, 1, 1)), INFO)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from trainer.layers import GAN_LOSSES
 from trainer.models.base import ConfigError, DataInfo
-from trainer.models.gan import GAN, GANConfig
+from trainer.models.gan import GAN, GANConfig, mode_seeking_loss
 
 CPU = torch.device("cpu")
 DIGITS = tuple(str(i) for i in range(10))
@@ -48,7 +48,7 @@ def test_train_step_updates_both_nets_with_finite_losses(arch, loss, conditional
     gan = make(tiny(arch=arch, loss=loss, conditional=conditional))
     before = {k: [p.clone() for p in net.parameters()] for k, net in gan.nets.items()}
     losses = gan.train_step(batch(info()), step=0)
-    assert set(losses) == {"d_loss", "g_loss", "d_real", "d_fake"}
+    assert set(losses) == {"d_loss", "g_loss", "d_real", "d_fake"} | ({"mode_seeking"} if conditional else set())
     for v in losses.values():
         assert v.dim() == 0 and torch.isfinite(v) and not v.requires_grad
     for k, net in gan.nets.items():
@@ -63,9 +63,23 @@ def test_other_sizes_and_rgb(arch, size):
     assert gan.sample(batch(i, n=4), seed=0).shape == (4, 3, size, size)
 
 
+def test_mode_seeking_loss_rewards_images_that_move_with_z():
+    za, zb = torch.zeros(4, 8), torch.ones(4, 8)
+    same = torch.zeros(4, 1, 4, 4)
+    assert mode_seeking_loss(same, same, za, zb).item() == pytest.approx(1e5)
+    apart = mode_seeking_loss(same, same + 0.5, za, zb).item()
+    assert apart == pytest.approx(2.0, rel=1e-4) and apart < mode_seeking_loss(same, same + 0.1, za, zb).item()
+
+
+def test_mode_seeking_is_off_at_zero_weight_and_for_unconditional_models():
+    assert "mode_seeking" not in make(tiny(mode_seeking=0.0)).train_step(batch(info()), 0)
+    assert "mode_seeking" not in make(tiny(conditional=False)).train_step(batch(info()), 0)
+    odd = make(tiny()).train_step(batch(info(), n=7), 0)  # an odd batch pairs 3 of its 7 fakes
+    assert torch.isfinite(odd["mode_seeking"])
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_discriminator_loss_matches_its_logits(arch):
-    """d_loss is the sum of the real and fake BCE terms on the logged mean logits' batches."""
+def test_hinge_and_least_squares_losses_are_non_negative(arch):
     gan = make(tiny(arch=arch, loss="hinge", conditional=False))
     losses = gan.train_step(batch(info()), 0)
     assert losses["d_loss"].item() >= 0  # hinge terms are non-negative
@@ -175,15 +189,16 @@ def test_weights_use_the_dcgan_init():
 
 
 @pytest.mark.parametrize("config, data, message", [
-    (tiny(arch="stylegan"), info(), "--arch stylegan"),
-    (tiny(loss="wgan"), info(), "--loss wgan"),
+    (tiny(arch="stylegan"), info(), "--set arch=stylegan"),
+    (tiny(loss="wgan"), info(), "--set loss=wgan"),
     (tiny(), info(size=48), "--image-size 48 is not supported by dcgan"),
     (tiny(), info(size=16), "--image-size 16"),
     (tiny(), info(size=512), "--image-size 512"),
     (tiny(), info(channels=4), "channels"),
     (tiny(conditional=True), info(classes=()), "--conditional"),
-    (tiny(z_dim=0), info(), "--z-dim"),
-    (tiny(width=0), info(), "--width"),
+    (tiny(z_dim=0), info(), "--set z_dim"),
+    (tiny(width=0), info(), "--set width"),
+    (tiny(mode_seeking=-1.0), info(), "--set mode_seeking"),
 ])
 def test_check_rejects_with_a_message_naming_the_option(config, data, message):
     with pytest.raises(ConfigError, match=message):

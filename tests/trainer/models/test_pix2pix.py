@@ -71,9 +71,9 @@ def test_check():
         Pix2Pix.check(Pix2PixConfig(), DataInfo("paired", 3, 16))
     with pytest.raises(ConfigError, match="channel"):
         Pix2Pix.check(Pix2PixConfig(), DataInfo("paired", 2, 32))
-    with pytest.raises(ConfigError, match="--gan-loss"):
+    with pytest.raises(ConfigError, match="--set gan_loss"):
         Pix2Pix.check(Pix2PixConfig(gan_loss="wgan"), INFO)
-    with pytest.raises(ConfigError, match="--norm"):
+    with pytest.raises(ConfigError, match="--set norm"):
         Pix2Pix.check(Pix2PixConfig(norm="group"), INFO)
 
 

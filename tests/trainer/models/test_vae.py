@@ -170,9 +170,9 @@ def test_resume_is_exact(conditional):
     (tiny(), info(size=512), "--image-size 512"),
     (tiny(), info(channels=2), "channels"),
     (tiny(conditional=True), info(classes=()), "--conditional"),
-    (tiny(width=0), info(), "--width"),
-    (VAEConfig(latent_dim=0), info(), "--latent-dim"),
-    (VAEConfig(beta=-1.0), info(), "--beta"),
+    (tiny(width=0), info(), "--set width"),
+    (VAEConfig(latent_dim=0), info(), "--set latent_dim"),
+    (VAEConfig(beta=-1.0), info(), "--set beta"),
 ])
 def test_check_rejects_with_a_message_naming_the_option(config, data, message):
     with pytest.raises(ConfigError, match=message):
