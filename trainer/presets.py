@@ -14,5 +14,6 @@ PRESETS: dict[str, dict] = {
                 "family_options": {"arch": "mlp", "conditional": False}},
     "pix2pix": {"family": "pix2pix", "data": "shapes", "steps": 3000, "batch_size": 16, "lr": 2e-4},
     "cyclegan": {"family": "cyclegan", "data": "stripes", "steps": 3000, "batch_size": 4, "lr": 2e-4},
-    "diffusion": {"family": "diffusion", "data": "mnist", "steps": 6000, "batch_size": 64, "lr": 5e-4},
+    # 1,000 steps already gave 98% class recognition with 50 DDIM steps at guidance 3 (helper's classifier)
+    "diffusion": {"family": "diffusion", "data": "mnist", "steps": 1500, "batch_size": 64, "lr": 1e-3},
 }

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serve.diffusion import timestep_pairs  # one copy of the rule, shared with the server (no torch there)
 from trainer.models.base import ConfigError, DataInfo, ExportGraph, Family, FamilyConfig, TensorSpec
 
 NORM_GROUPS = 8  # GroupNorm groups: width 32 gives 4 channels per group, DDPM's ratio (128 ch / 32 groups)
@@ -80,15 +81,6 @@ def alpha_bar_schedule(schedule: str, num_train_timesteps: int) -> torch.Tensor:
     else:
         raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
     return torch.cumprod(1 - betas, dim=0)
-
-
-def timestep_pairs(steps: int, num_train_timesteps: int) -> list[tuple[int, int]]:
-    """The (t, t_prev) pairs a sampler runs: trailing spacing, last t_prev = -1 (see module docstring)."""
-    T = num_train_timesteps
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in 1..{T}, got {steps}")
-    ts = [round(T * (steps - i) / steps) - 1 for i in range(steps)]
-    return list(zip(ts, ts[1:] + [-1]))
 
 
 # --- the U-Net -----------------------------------------------------------------------------------
