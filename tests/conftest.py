@@ -6,6 +6,7 @@ import os
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see trainer/__init__.py; test modules import torch first
 
 # Small enough for seconds on 2 cores; the full-size defaults are exercised by `make models`.
 TINY: dict[str, dict] = {
