@@ -43,7 +43,7 @@ class TrainConfig:
     steps: int = 1000
     epochs: int | None = None  # when set, steps = epochs * ceil(train size / (batch size * processes))
     batch_size: int = 64
-    lr: float = 2e-4
+    lr: float | None = None  # None: the family's own default (each family tunes its own)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     run_dir: str = "runs/run"
@@ -89,7 +89,8 @@ def build_family(config: TrainConfig, dataset: Dataset, device: torch.device) ->
         raise ConfigError(f"--set {unknown[0]}: not an option of {config.family}; "
                           f"options: {', '.join(sorted(known))}")
     options = dict(config.family_options)
-    options.setdefault("lr", config.lr)
+    if config.lr is not None:
+        options.setdefault("lr", config.lr)
     options.setdefault("batch_size", config.batch_size)
     if "steps" in known:
         options.setdefault("steps", config.steps)

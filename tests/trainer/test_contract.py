@@ -91,3 +91,13 @@ def test_epochs_sets_steps(tmp_path):
     # digits train split has 1,437 images: one epoch at batch 512 is 3 steps
     result = fit(tiny_config("vae", run, epochs=1, batch_size=512), progress=False)
     assert result.steps == 3
+
+
+def test_family_learning_rate_default_is_kept(tmp_path):
+    """Without --lr each family keeps its own tuned default; with it, --lr wins."""
+    from trainer.models.vae import VAEConfig
+
+    result = fit(tiny_config("vae", tmp_path / "a", steps=1), progress=False)
+    assert result.family.config.lr == VAEConfig().lr
+    result = fit(tiny_config("vae", tmp_path / "b", steps=1, lr=3e-4), progress=False)
+    assert result.family.config.lr == 3e-4

@@ -364,7 +364,7 @@ class Diffusion(Family):
         if not 0.0 <= config.ema_decay < 1.0:
             raise ConfigError(f"--set ema_decay={config.ema_decay}: use a value in [0, 1)")
         if config.conditional and not info.class_names:
-            raise ConfigError("--conditional needs labelled data: these images have no classes")
+            raise ConfigError("--set conditional=true needs labelled data: these images have no classes")
 
     def __init__(self, config: DiffusionConfig, info: DataInfo, device: torch.device):
         super().__init__(config, info, device)

@@ -224,4 +224,4 @@ def check_common(config, info: DataInfo, arch: str, any_size: bool = False) -> N
     if config.width < 1:
         raise ConfigError(f"--set width={config.width} must be at least 1")
     if config.conditional and info.num_classes == 0:
-        raise ConfigError("--conditional needs a dataset with classes: this one has none")
+        raise ConfigError("--set conditional=true needs a dataset with classes: this one has none")

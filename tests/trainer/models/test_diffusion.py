@@ -105,7 +105,7 @@ def test_unconditional_by_default_without_classes():
     model = tiny(INFO_UNCOND)
     assert model.num_classes == 0 and model.nets["unet"].class_emb is None
     assert tiny(conditional=False).num_classes == 0
-    with pytest.raises(ConfigError, match="--conditional"):
+    with pytest.raises(ConfigError, match="--set conditional"):
         Diffusion.check(DiffusionConfig(conditional=True), INFO_UNCOND)
 
 

@@ -195,7 +195,7 @@ def test_weights_use_the_dcgan_init():
     (tiny(), info(size=16), "--image-size 16"),
     (tiny(), info(size=512), "--image-size 512"),
     (tiny(), info(channels=4), "channels"),
-    (tiny(conditional=True), info(classes=()), "--conditional"),
+    (tiny(conditional=True), info(classes=()), "--set conditional"),
     (tiny(z_dim=0), info(), "--set z_dim"),
     (tiny(width=0), info(), "--set width"),
     (tiny(mode_seeking=-1.0), info(), "--set mode_seeking"),

@@ -169,7 +169,7 @@ def test_resume_is_exact(conditional):
     (tiny(), info(size=16), "--image-size 16"),
     (tiny(), info(size=512), "--image-size 512"),
     (tiny(), info(channels=2), "channels"),
-    (tiny(conditional=True), info(classes=()), "--conditional"),
+    (tiny(conditional=True), info(classes=()), "--set conditional"),
     (tiny(width=0), info(), "--set width"),
     (VAEConfig(latent_dim=0), info(), "--set latent_dim"),
     (VAEConfig(beta=-1.0), info(), "--set beta"),
