@@ -1,5 +1,6 @@
 """Run under torchrun by test_ddp.py: a real 2-process gloo training run, then each rank
 writes a fingerprint of its own weights so the test can check the replicas stayed identical."""
+import gc
 import hashlib
 import json
 import sys
@@ -19,4 +20,10 @@ for _, net in sorted(result.family.nets.items()):
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
 (run_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps({"sha256": digest.hexdigest(),
                                                                   "losses": result.losses}))
+# release the DDP wrappers (their reducers hold the process group) and let both ranks finish
+# writing before the group goes away; destroying it under live reducers can abort at exit
+result.family.train_nets = dict(result.family.nets)
+del result
+gc.collect()
+dist.barrier()
 dist.destroy_process_group()
