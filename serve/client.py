@@ -18,6 +18,7 @@ from PIL import Image
 
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
+from serve.images import grid
 from serve.wire import tensor_from_pb, tensor_to_pb
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -145,13 +146,6 @@ class GenClient:
 
 
 def save_grid(pixels: np.ndarray, path: str, nrow: int | None = None) -> None:
-    """uint8 NHWC -> one PNG grid with a 2-pixel white gutter."""
-    n, h, w, c = pixels.shape
-    nrow = nrow or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / nrow))
-    pad = 2
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = pixels[i]
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    """uint8 NHWC -> one PNG grid with a 2-pixel white gutter, `nrow` images per row."""
+    out = grid(pixels.transpose(0, 3, 1, 2), nrow, pad_value=255).transpose(1, 2, 0)
+    Image.fromarray(out[..., 0] if out.shape[-1] == 1 else out).save(path)

@@ -103,14 +103,14 @@ def decode_for(manifest, blobs: Sequence[bytes], resize: bool = False) -> np.nda
 
 
 def grid(images: np.ndarray, ncol: int | None = None, padding: int = 2, pad_value: float = -1.0) -> np.ndarray:
-    """Float NCHW -> one float CHW image: ncol columns (default about sqrt(N)), `padding` pixels between."""
-    images = np.asarray(images, dtype=np.float32)
+    """NCHW -> one CHW image of the same dtype: ncol columns (default about sqrt(N)), `padding` pixels between."""
+    images = np.asarray(images)
     if images.ndim != 4 or not len(images):
         raise InvalidArgument(f"images: expected a non-empty NCHW array, got shape {images.shape}")
     n, c, h, w = images.shape
     ncol = max(1, min(n, ncol or math.ceil(math.sqrt(n))))
     nrow = math.ceil(n / ncol)
-    out = np.full((c, nrow * (h + padding) + padding, ncol * (w + padding) + padding), pad_value, np.float32)
+    out = np.full((c, nrow * (h + padding) + padding, ncol * (w + padding) + padding), pad_value, images.dtype)
     for i, im in enumerate(images):
         r, q = divmod(i, ncol)
         y, x = padding + r * (h + padding), padding + q * (w + padding)

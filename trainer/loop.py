@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from serve.images import grid
 from trainer.data import Batches, Dataset, load_dataset, to_float
 from trainer.models import ConfigError, Family, get_family
 
@@ -107,17 +108,10 @@ def family_config_dict(family: Family) -> dict:
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
-    """[N, C, H, W] in [-1, 1] -> one PNG grid with a 2-pixel gutter, written atomically."""
+    """[N, C, H, W] in [-1, 1] -> one PNG grid with a 2-pixel white gutter, written atomically."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    n, c, h, w = x.shape
-    rows = math.ceil(n / nrow)
-    pad = 2
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = \
-            x[i].transpose(1, 2, 0)
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    out = grid(x, nrow, pad_value=255).transpose(1, 2, 0)
+    img = Image.fromarray(out[..., 0] if out.shape[-1] == 1 else out)
     atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
