@@ -273,13 +273,13 @@ class DynamicBatcher:
             bad = [k for k, v in outputs.items() if np.ndim(v) == 0 or len(v) != rows]
             if bad:
                 raise Internal(f"{self.name}: output {bad[0]} does not have the batch's {rows} rows")
-            offset = 0
+            offset, finished = 0, []
             for req, a, b in batch:
                 req.pieces.append((a, {k: v[offset:offset + b - a] for k, v in outputs.items()}))
                 offset += b - a
                 req.done += b - a
                 if req.done == req.rows:
-                    self._finish(req)
+                    finished.append(req)
             t3 = time.perf_counter_ns()
         except Exception as e:  # noqa: BLE001 - the batch's requests get the error, the worker goes on
             error = e if isinstance(e, ServeError) else Internal(f"{self.name}: inference failed: {e}")
@@ -287,8 +287,12 @@ class DynamicBatcher:
                 for req, _, _ in batch:
                     self._fail(req, error)
             return
+        # Counters first, answers second: a caller that reads the statistics after its answer arrived
+        # must see the run that produced it.
         with self._cond:
             self.stats.record_run(rows, t1 - t0, t2 - t1, t3 - t2)
+        for req in finished:
+            self._finish(req)
 
     def _finish(self, req: _Request) -> None:
         if len(req.pieces) == 1:
@@ -297,13 +301,15 @@ class DynamicBatcher:
             pieces = [p for _, p in sorted(req.pieces, key=lambda p: p[0])]
             result = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
         req.pieces = []
+        with self._cond:
+            if req.future.cancelled():  # cancelled while it ran
+                self.stats.record_done(time.perf_counter_ns() - req.enqueued_ns, Cancelled("cancelled"))
+                return
+            self.stats.record_done(time.perf_counter_ns() - req.enqueued_ns)
         try:
             req.future.set_result(result)
-            error = None
-        except concurrent.futures.InvalidStateError:  # cancelled while it ran
-            error = Cancelled("cancelled")
-        with self._cond:
-            self.stats.record_done(time.perf_counter_ns() - req.enqueued_ns, error)
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled between the check and here; already counted as a success
 
     def _fail(self, req: _Request, error: ServeError) -> None:
         """Fail a request (under the lock); its remaining rows are skipped when they reach the head."""

@@ -253,11 +253,12 @@ class DiffusionScheduler:
         for k, (row, (t, _)) in enumerate(zip(rows, pairs)):
             row.x, row.x0, row.t_last = x_prev[k].copy(), x0[k].copy(), t
             row.pos += 1
+        t3 = time.perf_counter_ns()
+        with self._cond:  # counted before anyone hears of it: statistics read after an answer include its run
+            self.stats.record_run(len(rows), t1 - t0, t2 - t1, t3 - t2)
         for req in requests:
             self._report(req)
-        t3 = time.perf_counter_ns()
         with self._cond:
-            self.stats.record_run(len(rows), t1 - t0, t2 - t1, t3 - t2)
             self._requests = [r for r in self._requests if not r.finished]
 
     def _report(self, req: GenerationRequest) -> None:
