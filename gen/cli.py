@@ -12,6 +12,10 @@ class UserError(click.ClickException):
 
     exit_code = 2
 
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.exit_code = code
+
     def show(self, file=None) -> None:
         click.echo(f"gen: error: {self.format_message()}", err=True)
 
@@ -111,16 +115,13 @@ def train(name, set_, resume, progress, no_flip, **options):
         raise UserError(f"unknown model {name!r}: use a preset ({', '.join(PRESETS)}) "
                         f"or a family ({', '.join(FAMILY_NAMES)})")
     try:
-        from trainer.loop import TrainConfig, fit
+        from trainer.loop import fit
+        from trainer.presets import preset_config
 
-        preset = dict(PRESETS.get(name, {"family": name}))
-        family_options = {**preset.pop("family_options", {}), **_parse_set(set_)}
         given = {k: v for k, v in options.items() if v is not None}
         if "channels" in given:
             given["channels"] = int(given["channels"])
-        if "epochs" in given:
-            preset.pop("steps", None)
-        config = TrainConfig(**{**preset, "run_dir": f"runs/{name}", **given, "family_options": family_options})
+        config = preset_config(name, _parse_set(set_), **given)
         if no_flip:
             config.flip = False
         result = fit(config, resume=resume, progress=progress)
@@ -186,6 +187,60 @@ def models_cmd(repo, verify):
         click.echo(f"{len(entries) - broken} healthy, {broken} broken")
         if broken:
             raise SystemExit(1)
+
+
+@cli.command("eval")
+@click.argument("models", nargs=-1)
+@click.option("--repo", default="exported", show_default=True, help="The model repository folder.")
+@click.option("-n", "n", type=int, default=1000, show_default=True, help="Samples per generator.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm++"]), default="ddim", show_default=True,
+              help="Diffusion sampler.")
+@click.option("--steps", type=int, default=50, show_default=True, help="Diffusion steps.")
+@click.option("--guidance", type=float, help="Diffusion guidance scale. [default: the model's]")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the reports as JSON.")
+@click.option("--check", is_flag=True, help="Exit 1 when a metric misses the project's quality bar.")
+def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check):
+    """Score MODELS (default: every model in --repo) through the serving runtime.
+
+    Generators: Frechet distance in the feature space of a classifier trained on the training split,
+    next to the real-vs-real baseline, and per-class accuracy of conditional samples; VAE also the
+    class accuracy of held-out reconstructions. pix2pix: L1 and PSNR on held-out pairs. CycleGAN:
+    domain-classifier accuracy of translations both ways and cycle L1. Classifiers are trained once
+    and cached in $GEN_CACHE (default ~/.cache/gen). Nothing is downloaded.
+    """
+    import json
+    from pathlib import Path
+
+    from serve.manifest import scan_repository
+    from trainer.evaluate import EvalConfig, EvalError, evaluate
+    from trainer.loop import atomic_write
+
+    root = Path(repo)
+    if not root.is_dir():
+        raise UserError(f"--repo {repo}: no such folder; export a model with `gen export RUN_DIR --name NAME`")
+    names = list(models) or sorted({e.name for e in scan_repository(root) if e.healthy})
+    if not names:
+        raise UserError(f"--repo {repo}: no healthy models to evaluate")
+    config = EvalConfig(n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance)
+    reports = []
+    for name in names:
+        try:
+            report = evaluate(root, name, config=config, log=lambda msg: click.echo(f"  {msg}", err=True))
+        except EvalError as e:
+            raise UserError(str(e)) from None
+        reports.append(report)
+        click.echo(f"{report.model} v{report.version} ({report.family}, {report.dataset}, {report.seconds} s)")
+        for metric in report.metrics:
+            click.echo(f"  {metric.line()}")
+        for key, value in report.details.items():
+            click.echo(f"  {key}: {value}")
+    if json_path:
+        text = json.dumps([r.as_dict() for r in reports], indent=2) + "\n"
+        atomic_write(Path(json_path), lambda f: f.write(text.encode()))
+    if check and not all(r.passed for r in reports):
+        failed = [r.model for r in reports if not r.passed]
+        raise UserError(f"below the quality bar: {', '.join(failed)}", code=1)
 
 
 @cli.command("serve")

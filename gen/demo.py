@@ -1,43 +1,128 @@
-"""`make demo`: train every family briefly on the embedded data, export it, and show where the grids are.
+"""`make demo`: start `gen serve` on the shipped models in exported/ and call every task over gRPC.
 
-Short schedules, so the whole demo takes a few minutes on 2 CPU cores; `gen train NAME` with the preset's
-full schedule gives the real models.
+It does what a client service would: lists the models, asks the conditional GAN and the VAE for
+samples of every class, has the VAE reconstruct held-out digits, translates held-out images with
+pix2pix and CycleGAN (sent as PNG bytes), and runs a diffusion request while printing its streamed
+progress. Every result is written as a PNG grid under demo-out/; the same seeds give the same grids,
+which are the ones README shows.
 """
 from __future__ import annotations
 
-import shutil
+import io
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 OUT = Path("demo-out")
-# preset -> steps for the demo (the presets' own schedules are longer)
-DEMO_STEPS = {"gan": 300, "vae": 300, "pix2pix": 150, "cyclegan": 80, "diffusion": 300}
+REPO = Path("exported")
+COLUMNS = 10  # one column per digit class
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _held_out(data: str, kind: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` held-out images (and labels or targets) as uint8 NHWC, what a client has on disk."""
+    from trainer.data import load_dataset
+
+    ds = load_dataset(data, kind, 32)
+    x, y = ds.test
+    x = x[:count].numpy().transpose(0, 2, 3, 1)
+    y = y[:count].numpy()
+    return x, (y.transpose(0, 2, 3, 1) if y.ndim == 4 else y)
+
+
+def _interleave(*rows: np.ndarray) -> np.ndarray:
+    """Rows of images stacked so that a grid shows them one above the other, per block of COLUMNS."""
+    blocks = []
+    for i in range(0, len(rows[0]), COLUMNS):
+        blocks.extend(r[i:i + COLUMNS] for r in rows)
+    return np.concatenate(blocks)
 
 
 def main() -> int:
-    from trainer.export import export_model
-    from trainer.loop import TrainConfig, fit
-    from trainer.presets import PRESETS
+    from gen.defaults import DEFAULT_MODELS
+    from serve.client import GenClient, Images, save_grid
+    from serve.launch import start_server, stop_server
 
-    shutil.rmtree(OUT, ignore_errors=True)
-    grids = []
+    missing = [m.name for m in DEFAULT_MODELS if not (REPO / m.name).is_dir()]
+    if missing:
+        print(f"gen: error: {REPO}/ lacks the default models {', '.join(missing)}; "
+              "`make models` trains and exports them", file=sys.stderr)
+        return 2
+    OUT.mkdir(exist_ok=True)
     t0 = time.time()
-    for name, steps in DEMO_STEPS.items():
-        preset = dict(PRESETS[name])
-        options = preset.pop("family_options", {})
-        config = TrainConfig(**{**preset, "steps": steps, "run_dir": str(OUT / "runs" / name),
-                                "sample_every": steps, "checkpoint_every": steps, "family_options": options})
-        print(f"[{time.time() - t0:5.0f}s] training {name} ({preset['family']} on {preset['data']}, {steps} steps)",
-              flush=True)
-        fit(config, progress=sys.stderr.isatty())
-        path = export_model(config.run_dir, f"demo-{name}", repo=OUT / "exported")
-        print(f"[{time.time() - t0:5.0f}s] exported {path}", flush=True)
-        grids.append(Path(config.run_dir) / "samples" / f"step_{steps:06d}.png")
-    print(f"\ndone in {time.time() - t0:.0f} s. Sample grids:")
-    for g in grids:
-        print(f"  {g}")
-    print(f"Model repository: {OUT / 'exported'} (list it with `gen models --repo {OUT / 'exported'}`)")
+
+    def say(msg: str) -> None:
+        print(f"[{time.time() - t0:5.1f}s] {msg}", flush=True)
+
+    say(f"starting `gen serve --repo {REPO}` on 127.0.0.1 (port chosen by the OS)")
+    server = start_server(REPO)
+    grids = []
+
+    def save(name: str, pixels: np.ndarray, what: str) -> None:
+        path = OUT / f"{name}.png"
+        save_grid(pixels, str(path), COLUMNS)
+        grids.append((path, what))
+        say(f"wrote {path}: {what}")
+
+    try:
+        say(f"server ready on {server.target}")
+        with GenClient(server.target, timeout=600) as client:
+            for info in client.list_models():
+                say(f"model {info.name} v{info.version}: {info.family}, task {info.task}")
+
+            labels = [i % COLUMNS for i in range(80)]
+            save("cgan-samples", client.sample("mnist-cgan", n=80, seed=0, labels=labels).pixels,
+                 "conditional DCGAN, 8 samples of each digit (one column per class)")
+            save("vae-samples", client.sample("mnist-vae", n=80, seed=0).pixels,
+                 "VAE, 80 samples from the prior")
+
+            digits, _ = _held_out("mnist", "images", 40)
+            mean, _ = client.encode("mnist-vae", [_png(d) for d in digits])
+            recon = client.decode("mnist-vae", mean).pixels
+            save("vae-reconstructions", _interleave(digits, recon),
+                 "VAE, held-out digits (odd rows) and their reconstructions (even rows)")
+
+            sources, targets = _held_out("shapes", "paired", 20)
+            out = client.translate("shapes-pix2pix", [_png(s) for s in sources]).pixels
+            save("pix2pix-shapes", _interleave(sources, out, targets),
+                 "pix2pix, held-out label maps, translations, and the real targets (rows of 3)")
+
+            plain, striped = _held_out("stripes", "unpaired", 20)
+            ab = client.translate("stripes-cyclegan", [_png(s) for s in plain], direction="AtoB").pixels
+            ba = client.translate("stripes-cyclegan", [_png(s) for s in striped], direction="BtoA").pixels
+            save("cyclegan-stripes", _interleave(plain, ab, striped, ba),
+                 "CycleGAN, plain -> striped and striped -> plain on held-out shapes (rows of 2)")
+
+            say("mnist-diffusion: 40 images, 4 of each digit, 50 DDIM steps, guidance 3 (streamed):")
+            result: Images | None = None
+            halfway = None
+            for event in client.generate("mnist-diffusion", n=40, seed=0, labels=labels[:40], sampler="ddim",
+                                         steps=50, guidance=3.0, preview_every=10):
+                if isinstance(event, Images):
+                    result = event
+                    continue
+                bar = "#" * (30 * event.step // event.total)
+                print(f"\r  step {event.step:3d}/{event.total} [{bar:<30}]", end="", flush=True)
+                if event.preview is not None and event.step == event.total // 2:
+                    halfway = OUT / "diffusion-halfway.png"
+                    save_grid(event.preview, str(halfway), COLUMNS)
+            print(flush=True)
+            grids.append((halfway, "the predicted clean images streamed at step 25 of 50"))
+            save("diffusion-samples", result.pixels, "class-conditional diffusion, 4 of each digit")
+    finally:
+        code = stop_server(server)
+        say(f"server stopped (exit status {code})")
+    print(f"\ndone in {time.time() - t0:.0f} s. Grids:")
+    for path, what in grids:
+        print(f"  {path}  {what}")
     return 0
 
 

@@ -1,0 +1,351 @@
+"""`gen eval`: quality of an exported model, measured on what is served and with nothing downloaded.
+
+The model runs through the serving runtime (serve.runtime.Runtime, onnxruntime), its images are
+quantised to 8 bits as a client receives them, and they are scored against the held-out split of the
+dataset it was trained on:
+
+- generators (vae, gan, diffusion): Frechet distance between samples and held-out images in the
+  feature space of a classifier trained here on the training split (an FID with a local network), next
+  to the real-vs-real baseline (training images vs held-out images, the same count); for conditional
+  models, the classifier's accuracy on samples of each requested class. VAE: also the classifier's
+  accuracy on reconstructions of held-out images.
+- pix2pix: L1 and PSNR of translated held-out sources against their targets, images in [0, 1].
+- cyclegan: a domain classifier's accuracy on translated held-out images (A->B must look like B, and
+  B->A like A), and the cycle L1 |F(G(a)) - a| and |G(F(b)) - b|.
+
+Classifiers are cached under $GEN_CACHE (default ~/.cache/gen), keyed by their training data.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.data import load_dataset
+from trainer.loop import atomic_write
+
+CLASSIFIER_VERSION = 1  # bump when the classifier's architecture or training changes: invalidates caches
+KIND_OF = {"vae": "images", "gan": "images", "diffusion": "images", "pix2pix": "paired", "cyclegan": "unpaired"}
+
+
+class EvalError(ValueError):
+    """The model cannot be evaluated as asked; the message says why."""
+
+
+@dataclass
+class EvalConfig:
+    n: int = 1000  # samples per generator (also capped by the held-out split's size for Frechet distance)
+    seed: int = 0
+    sampler: str = "ddim"  # diffusion
+    steps: int = 50
+    guidance: float | None = None  # None: the model's own default
+    request_size: int = 100  # rows per request: concurrent requests share batches as a server's would
+    cache: Path | None = None  # classifier cache; None: $GEN_CACHE or ~/.cache/gen
+
+
+@dataclass
+class Metric:
+    name: str
+    value: float
+    unit: str = ""
+    bar: str = ""  # the project's quality bar for shipped models, e.g. ">= 0.9"; empty: reported only
+    passed: bool | None = None
+
+    def line(self) -> str:
+        v = f"{self.value:.4g}" if self.unit != "%" else f"{100 * self.value:.1f}"
+        verdict = "" if self.passed is None else ("  ok" if self.passed else "  BELOW BAR")
+        bar = f"  (bar {self.bar})" if self.bar else ""
+        return f"{self.name:<28} {v}{self.unit}{bar}{verdict}"
+
+
+@dataclass
+class Report:
+    model: str
+    version: int
+    family: str
+    dataset: str
+    metrics: list[Metric] = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # per-class accuracies and the like
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(m.passed is not False for m in self.metrics)
+
+    def add(self, name: str, value: float, unit: str = "", at_least: float | None = None,
+            at_most: float | None = None) -> None:
+        bar, passed = "", None
+        if at_least is not None:
+            bar, passed = (f">= {100 * at_least:g}%" if unit == "%" else f">= {at_least:g}"), value >= at_least
+        elif at_most is not None:
+            bar, passed = f"<= {at_most:g}", value <= at_most
+        self.metrics.append(Metric(name, float(value), unit, bar, None if passed is None else bool(passed)))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- the classifier -------------------------------------------------------------------------------
+
+class Classifier(nn.Module):
+    """A small CNN (three conv stages, global pooling): 128 features, then logits. Takes [-1, 1] images."""
+
+    FEATURES = 128
+
+    def __init__(self, channels: int, classes: int):
+        super().__init__()
+
+        def stage(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.body = nn.Sequential(stage(channels, 32), nn.MaxPool2d(2), stage(32, 64), nn.MaxPool2d(2),
+                                  stage(64, self.FEATURES), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(self.FEATURES, classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(x)
+        return features, self.head(features)
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray, batch: int = 500) -> tuple[np.ndarray, np.ndarray]:
+        """(features [N, 128] float64, predicted class [N]) for float images in [-1, 1]."""
+        self.eval()
+        feats, preds = [], []
+        for i in range(0, len(images), batch):
+            f, logits = self(torch.from_numpy(np.ascontiguousarray(images[i:i + batch], np.float32)))
+            feats.append(f.double().numpy())
+            preds.append(logits.argmax(1).numpy())
+        return np.concatenate(feats), np.concatenate(preds)
+
+
+def _to_float(x_uint8: torch.Tensor | np.ndarray) -> np.ndarray:
+    return np.asarray(x_uint8, np.float32) / 127.5 - 1.0
+
+
+def classifier_for(x: torch.Tensor, y: torch.Tensor, classes: int, cache: Path, epochs: int = 8,
+                   seed: int = 0, log=print) -> Classifier:
+    """Train (or load from the cache) a classifier on uint8 images x [N, C, H, W] with labels y."""
+    digest = hashlib.sha256()
+    digest.update(f"v{CLASSIFIER_VERSION} {tuple(x.shape)} {classes} {epochs} {seed}".encode())
+    digest.update(x.numpy().tobytes())
+    digest.update(y.numpy().tobytes())
+    path = cache / f"classifier-{digest.hexdigest()[:16]}.pt"
+    net = Classifier(x.shape[1], classes)
+    if path.exists():
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return net.eval()
+    log(f"training a {classes}-way classifier on {len(x)} training images (cached in {path})")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    xf = torch.from_numpy(_to_float(x))
+    steps_per_epoch = max(1, len(x) // 128)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * steps_per_epoch)
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(steps_per_epoch):
+            idx = order[i * 128:(i + 1) * 128]
+            batch = xf[idx]
+            # shifts of up to 2 pixels: a classifier that has seen only centred digits is easy to fool
+            dy, dx = torch.randint(-2, 3, (2,), generator=gen).tolist()
+            batch = torch.roll(batch, (dy, dx), dims=(2, 3))
+            _, logits = net(batch)
+            loss = nn.functional.cross_entropy(logits, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return net
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between two feature sets [N, D]."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():  # fewer samples than features makes S singular: expected, handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s_a @ s_b)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise as the FID reference code does
+        eps = np.eye(len(s_a)) * 1e-6
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
+
+
+# --- running the served model ----------------------------------------------------------------------
+
+def quantise(images: np.ndarray) -> np.ndarray:
+    """What a client gets: the manifest's mapping to 8 bits, back to [-1, 1]."""
+    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.float32) / 127.5 - 1.0
+
+
+async def _chunks(make, n: int, size: int) -> np.ndarray:
+    """Run make(start, count) for every chunk of n rows concurrently; the images in order."""
+    parts = await asyncio.gather(*(make(i, min(size, n - i)) for i in range(0, n, size)))
+    return np.concatenate(parts)
+
+
+def _sample(rt, model: str, family: str, n: int, labels: np.ndarray | None, cfg: EvalConfig) -> np.ndarray:
+    """n images, row i from seed cfg.seed + i // request_size so that chunks are independent requests."""
+
+    async def one(start: int, count: int) -> np.ndarray:
+        lab = None if labels is None else labels[start:start + count].tolist()
+        seed = cfg.seed + start
+        if family == "diffusion":
+            async for event in rt.generate(model, count, seed=seed, labels=lab, sampler=cfg.sampler,
+                                           steps=cfg.steps, guidance=cfg.guidance):
+                result = getattr(event, "result", None)
+            return result.images
+        return (await rt.sample(model, count, seed=seed, labels=lab)).images
+
+    return quantise(asyncio.run(_chunks(one, n, cfg.request_size)))
+
+
+def _map(rt_call, images: np.ndarray, size: int) -> np.ndarray:
+    async def one(start: int, count: int) -> np.ndarray:
+        return await rt_call(images[start:start + count])
+
+    return quantise(asyncio.run(_chunks(one, len(images), size)))
+
+
+# --- per family ------------------------------------------------------------------------------------
+
+def evaluate(repo: str | Path, model: str, version: int | None = None, config: EvalConfig | None = None,
+             log=print) -> Report:
+    """Score one model of the repository; see the module docstring."""
+    import time
+
+    from serve.errors import ServeError
+    from serve.runtime import Runtime
+
+    cfg = config or EvalConfig()
+    if cfg.n < 10:
+        raise EvalError(f"--n {cfg.n}: use at least 10 samples")
+    cache = Path(cfg.cache or os.environ.get("GEN_CACHE") or Path.home() / ".cache" / "gen").expanduser()
+    t0 = time.perf_counter()
+    with Runtime(repo, device="cpu", max_n=max(cfg.request_size, 256)) as rt:
+        try:
+            m = rt.manifest(model, version)
+        except ServeError as e:
+            raise EvalError(e.message) from None
+        kind = KIND_OF[m.family]
+        source = m.provenance.get("dataset")
+        direction = m.provenance.get("trained_with", {}).get("direction", "AtoB")
+        try:
+            data = load_dataset(source, kind, m.image["height"], m.image["channels"], direction)
+        except Exception as e:  # noqa: BLE001 - DataError, or a folder that moved since training
+            raise EvalError(f"{m.name}: cannot load its dataset {source!r} ({e})") from None
+        if len(data.test[0]) == 0:
+            raise EvalError(f"{m.name}: its dataset {source!r} has no held-out split to score against")
+        report = Report(m.name, m.version, m.family, str(source))
+        scorer = {"vae": _generator, "gan": _generator, "diffusion": _generator,
+                  "pix2pix": _pix2pix, "cyclegan": _cyclegan}[m.family]
+        scorer(rt, m, data, cfg, cache, report, log)
+    report.seconds = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def _conditional(m) -> bool:
+    graph = {"vae": "decoder", "gan": "generator", "diffusion": "denoiser"}[m.family]
+    return bool(m.classes) and any(t.name == "label" for t in m.graphs[graph].inputs)
+
+
+def _generator(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -> None:
+    (x_train, y_train), (x_test, y_test) = data.train, data.test
+    if len(m.classes) < 2:
+        raise EvalError(f"{m.name}: its dataset {report.dataset!r} has no class labels, and gen eval's feature "
+                        "network is a classifier trained on them; use a class-per-folder dataset")
+    net = classifier_for(x_train, y_train, len(m.classes), cache, log=log)
+    test_images = _to_float(x_test)
+    test_feats, test_pred = net.predict(test_images)
+    report.add("classifier held-out accuracy", (test_pred == y_test.numpy()).mean(), "%")
+    n_fd = min(cfg.n, len(x_test), len(x_train))
+    rng = np.random.default_rng(cfg.seed)
+    train_feats, _ = net.predict(_to_float(x_train[rng.choice(len(x_train), n_fd, replace=False)]))
+    baseline = frechet_distance(train_feats, test_feats[:n_fd])
+
+    conditional = _conditional(m)
+    labels = (np.arange(cfg.n) % len(m.classes)).astype(np.int64) if conditional else None
+    log(f"{m.name}: drawing {cfg.n} samples through the runtime"
+        + (f" ({cfg.sampler}, {cfg.steps} steps)" if m.family == "diffusion" else ""))
+    samples = _sample(rt, m.name, m.family, cfg.n, labels, cfg)
+    feats, pred = net.predict(samples)
+    fd = frechet_distance(feats[:n_fd], test_feats[:n_fd])
+    report.add("frechet distance", fd, at_most=3 * baseline if m.family == "diffusion" else None)
+    report.add("frechet real-vs-real", baseline)
+    report.add("frechet / baseline", fd / baseline if baseline > 0 else float("inf"))
+    report.details["frechet_samples"] = n_fd
+    if conditional:
+        bar = {"gan": 0.90, "diffusion": 0.95}.get(m.family)
+        report.add("class accuracy", (pred == labels).mean(), "%", at_least=bar)
+        report.details["class_accuracy"] = {m.classes[k]: round(float((pred[labels == k] == k).mean()), 4)
+                                            for k in range(len(m.classes))}
+    if m.family == "vae":
+        log(f"{m.name}: reconstructing {len(x_test)} held-out images")
+        enc_labels = y_test.numpy() if _conditional(m) else None
+
+        async def recon(start: int, count: int) -> np.ndarray:
+            lab = None if enc_labels is None else enc_labels[start:start + count].tolist()
+            posterior = await rt.encode(m.name, test_images[start:start + count], labels=lab)
+            return (await rt.decode(m.name, posterior.mean, labels=lab)).images
+
+        recons = quantise(asyncio.run(_chunks(recon, len(test_images), cfg.request_size)))
+        _, rpred = net.predict(recons)
+        report.add("reconstruction accuracy", (rpred == y_test.numpy()).mean(), "%", at_least=0.90)
+        report.add("reconstruction L1", np.abs((recons - test_images) / 2).mean())
+
+
+def _pix2pix(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -> None:
+    sources, targets = _to_float(data.test[0]), _to_float(data.test[1])
+    log(f"{m.name}: translating {len(sources)} held-out sources")
+    out = _map(lambda x: _translated(rt.translate(m.name, x, "AtoB")), sources, cfg.request_size)
+    err = (out - targets) / 2  # in [0, 1] units
+    mse = np.maximum((err ** 2).reshape(len(err), -1).mean(1), 1e-10)
+    report.add("L1", np.abs(err).mean())
+    report.add("PSNR", (10 * np.log10(1.0 / mse)).mean(), " dB", at_least=20.0)
+    report.details["pairs"] = len(sources)
+
+
+def _cyclegan(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -> None:
+    (train_a, train_b), (test_a, test_b) = data.train, data.test
+    x = torch.cat([train_a, train_b])
+    y = torch.cat([torch.zeros(len(train_a), dtype=torch.int64), torch.ones(len(train_b), dtype=torch.int64)])
+    net = classifier_for(x, y, 2, cache, log=log)
+    a, b = _to_float(test_a), _to_float(test_b)
+    _, real_a = net.predict(a)
+    _, real_b = net.predict(b)
+    report.add("domain classifier held-out", np.concatenate([real_a == 0, real_b == 1]).mean(), "%")
+    log(f"{m.name}: translating {len(a)} + {len(b)} held-out images both ways and back")
+    ab = _map(lambda x: _translated(rt.translate(m.name, x, "AtoB")), a, cfg.request_size)
+    ba = _map(lambda x: _translated(rt.translate(m.name, x, "BtoA")), b, cfg.request_size)
+    aba = _map(lambda x: _translated(rt.translate(m.name, x, "BtoA")), ab, cfg.request_size)
+    bab = _map(lambda x: _translated(rt.translate(m.name, x, "AtoB")), ba, cfg.request_size)
+    _, pred_ab = net.predict(ab)
+    _, pred_ba = net.predict(ba)
+    report.add("A->B looks like B", (pred_ab == 1).mean(), "%", at_least=0.90)
+    report.add("B->A looks like A", (pred_ba == 0).mean(), "%", at_least=0.90)
+    report.add("cycle L1 A->B->A", np.abs((aba - a) / 2).mean(), at_most=0.1)
+    report.add("cycle L1 B->A->B", np.abs((bab - b) / 2).mean(), at_most=0.1)
+
+
+async def _translated(call) -> np.ndarray:
+    return (await call).images
