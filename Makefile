@@ -5,7 +5,7 @@ GEN     := $(VENV)/bin/gen
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo models lint clean bench bench-full bench-setup
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,5 +25,35 @@ lint: setup
 demo: setup
 	$(PY) -m gen.demo
 
+# Retrain and re-export the shipped models (about 50 minutes on 2 CPU cores), then score them:
+# `gen eval --check` fails the target when a model misses its quality bar.
+models: setup
+	$(PY) -m gen.defaults
+	$(GEN) eval --check --json docs/quality.json
+
+# Side-by-side benchmarks -> BENCHMARKS.md and bench/plots/ (see bench/__main__.py).
+# `make bench` is the quick mode (a few minutes); `make bench-full` (or MODE=full) the full tables.
+MODE ?= quick
+PYTRITON := bench/.venv-pytriton
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[train,serve,dev,bench]"
+	touch $(BENCH_STAMP)
+
+# PyTriton needs numpy < 2: its own environment, patched for this Python (bench/pytriton_patch.py).
+# A failure here is not fatal: the report then says why PyTriton was not measured.
+$(PYTRITON)/.stamp:
+	-python3 -m venv $(PYTRITON) && $(PYTRITON)/bin/pip install -q "nvidia-pytriton==0.7.0" onnxruntime \
+		&& $(PYTRITON)/bin/python bench/pytriton_patch.py && touch $@
+
+bench-setup: $(BENCH_STAMP) $(PYTRITON)/.stamp
+
+bench: bench-setup
+	$(PY) -m bench --mode $(MODE)
+
+bench-full:
+	$(MAKE) bench MODE=full
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache bench/.cache $(PYTRITON)

@@ -256,9 +256,25 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check):
 @click.option("--allow-repository-control", is_flag=True, help="Allow RepositoryModelLoad/Unload.")
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="Seconds in-flight requests get to finish on SIGTERM.")
+@click.option("--max-images", type=click.IntRange(1), default=256, show_default=True,
+              help="Images (n, or tensor rows) per request.")
+@click.option("--max-steps", type=click.IntRange(1), default=1000, show_default=True,
+              help="Diffusion steps per Generate request.")
+@click.option("--max-message-mb", type=click.FloatRange(0.001), default=64.0, show_default=True,
+              help="Largest gRPC message in or out; larger requests get RESOURCE_EXHAUSTED.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate chain: serve TLS.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key of --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False),
+              help="PEM CA: require client certificates signed by it (mutual TLS).")
+@click.option("--auth-token-file", type=click.Path(exists=True, dir_okay=False),
+              help="Require 'authorization: Bearer TOKEN' (a token per line; $GEN_AUTH_TOKEN adds one).")
 def serve_cmd(repo, host, port, device, metrics_port, max_batch_size, max_queue_delay_ms, max_queue_size,
-              allow_repository_control, grace):
-    """Serve the model repository over gRPC (KServe OIP v2 and gen.v1.Generator) until SIGTERM."""
+              allow_repository_control, grace, max_images, max_steps, max_message_mb, tls_cert, tls_key,
+              tls_client_ca, auth_token_file):
+    """Serve the model repository over gRPC (KServe OIP v2 and gen.v1.Generator) until SIGTERM.
+
+    Health checks (grpc.health.v1) need no token. The metrics port is plain HTTP without auth.
+    """
     import asyncio
     import logging
     from pathlib import Path
@@ -269,35 +285,66 @@ def serve_cmd(repo, host, port, device, metrics_port, max_batch_size, max_queue_
     if not healthy:
         raise UserError(f"--repo {repo}: no models to serve; train and export one first, e.g. "
                         f"`gen train gan && gen export runs/gan --name mnist-cgan --repo {repo}`")
+    from serve.auth import load_tokens
     from serve.errors import ServeError
-    from serve.server import ServerConfig, serve_forever
+    from serve.server import ServerConfig, serve_forever, tls_credentials
 
+    try:
+        tokens = load_tokens(auth_token_file)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(repo=repo, host=host, port=port, device=device, metrics_port=metrics_port,
                           max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                           max_queue_size=max_queue_size, allow_repository_control=allow_repository_control,
-                          grace_s=grace)
+                          grace_s=grace, max_images=max_images, max_steps=max_steps,
+                          max_message_bytes=int(max_message_mb * 1024 * 1024), tls_cert=tls_cert, tls_key=tls_key,
+                          tls_client_ca=tls_client_ca, auth_tokens=tokens)
+    try:
+        tls_credentials(config)  # bad PEM files or a missing half: one line now, not a traceback later
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
     def ready(server, bound):
         names = sorted({e.name for e in healthy})
         extra = f", metrics on http://{host}:{server.metrics.server_address[1]}/metrics" if server.metrics else ""
+        security = ("TLS" + (" with client certificates" if tls_client_ca else "")) if tls_cert else "plaintext"
+        security += ", bearer token required" if tokens else ""
         click.echo(f"serving {len(names)} models ({', '.join(names)}) on {host}:{bound} "
-                   f"[{server.runtime.device}]{extra}", err=False)
+                   f"[{server.runtime.device}; {security}]{extra}", err=False)
         sys.stdout.flush()
 
     try:
         asyncio.run(serve_forever(config, ready))
-    except (ServeError, OSError) as e:
+    except (ServeError, OSError, ValueError) as e:
         raise UserError(str(e)) from None
 
 
 def _client_options(fn):
+    fn = click.option("--token", envvar="GEN_AUTH_TOKEN", help="Bearer token. [default: $GEN_AUTH_TOKEN]")(fn)
+    fn = click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
+                      help="Read the bearer token from this file.")(fn)
+    fn = click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False),
+                      help="PEM CA (or the server's certificate): connect with TLS.")(fn)
     fn = click.option("--server", default="127.0.0.1:50051", show_default=True, help="HOST:PORT of `gen serve`.")(fn)
     fn = click.option("--model", required=True, help="Model name (see ListModels / `gen models`).")(fn)
     fn = click.option("--version", "version", type=int, default=0, help="Model version. [default: latest]")(fn)
     fn = click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")(fn)
     fn = click.option("-o", "--output", required=True, help="Where to write the result.")(fn)
     return fn
+
+
+def _connect(server: str, timeout: float, security: dict):
+    """A GenClient with the command's --token/--token-file and --tls-ca."""
+    from serve.client import GenClient
+
+    token, token_file, tls_ca = security["token"], security["token_file"], security["tls_ca"]
+    if token_file:
+        token = open(token_file).read().strip()
+        if not token:
+            raise UserError(f"--token-file {token_file}: holds no token")
+    roots = open(tls_ca, "rb").read() if tls_ca else None
+    return GenClient(server, timeout=timeout, token=token or None, root_certificates=roots)
 
 
 def _labels(text: str | None) -> list[int]:
@@ -332,11 +379,11 @@ def _rpc_errors(server: str):
 @click.option("-n", "n", type=int, default=16, show_default=True, help="Number of images.")
 @click.option("--seed", type=int, help="Seed; image i depends only on (seed, i).")
 @click.option("--labels", help="Class indices, one for all or one per image, e.g. 0,1,2.")
-def sample_cmd(server, model, version, timeout, output, n, seed, labels):
+def sample_cmd(server, model, version, timeout, output, n, seed, labels, **security):
     """Sample images from a VAE or GAN model and write them as a PNG grid."""
-    from serve.client import GenClient, save_grid
+    from serve.client import save_grid
 
-    with _rpc_errors(server), GenClient(server, timeout=timeout) as client:
+    with _rpc_errors(server), _connect(server, timeout, security) as client:
         images = client.sample(model, n=n, seed=seed, labels=_labels(labels), version=version)
     save_grid(images.pixels, output)
     click.echo(f"wrote {output}: {len(images.pixels)} images from {images.model} v{images.version}, "
@@ -347,14 +394,14 @@ def sample_cmd(server, model, version, timeout, output, n, seed, labels):
 @_client_options
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--direction", default="", help="CycleGAN: AtoB or BtoA. [default: AtoB]")
-def translate_cmd(server, model, version, timeout, output, images, direction):
+def translate_cmd(server, model, version, timeout, output, images, direction, **security):
     """Translate IMAGES with a pix2pix or CycleGAN model; writes input | output pairs as a PNG grid."""
     import numpy as np
 
-    from serve.client import GenClient, load_pixels, save_grid
+    from serve.client import load_pixels, save_grid
 
     blobs = [open(p, "rb").read() for p in images]
-    with _rpc_errors(server), GenClient(server, timeout=timeout) as client:
+    with _rpc_errors(server), _connect(server, timeout, security) as client:
         result = client.translate(model, blobs, direction=direction, version=version)
     inputs = [load_pixels(b, *result.pixels.shape[1:]) for b in blobs]
     pairs = np.stack([x for pair in zip(inputs, result.pixels) for x in pair])
@@ -371,12 +418,12 @@ def translate_cmd(server, model, version, timeout, output, images, direction):
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm++"]), default="ddim", show_default=True)
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--eta", type=float, help="DDIM eta (0 deterministic, 1 DDPM-like).")
-def generate_cmd(server, model, version, timeout, output, n, seed, labels, guidance, sampler, steps, eta):
+def generate_cmd(server, model, version, timeout, output, n, seed, labels, guidance, sampler, steps, eta, **security):
     """Run a diffusion model with streamed progress and write the images as a PNG grid."""
-    from serve.client import GenClient, Images, save_grid
+    from serve.client import Images, save_grid
 
     result = None
-    with _rpc_errors(server), GenClient(server, timeout=timeout) as client:
+    with _rpc_errors(server), _connect(server, timeout, security) as client:
         for event in client.generate(model, n=n, seed=seed, labels=_labels(labels), guidance=guidance,
                                      sampler=sampler, steps=steps, eta=eta, version=version):
             if isinstance(event, Images):
@@ -393,14 +440,14 @@ def generate_cmd(server, model, version, timeout, output, n, seed, labels, guida
 @_client_options
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--labels", help="Class indices for a conditional VAE.")
-def encode_cmd(server, model, version, timeout, output, images, labels):
+def encode_cmd(server, model, version, timeout, output, images, labels, **security):
     """Encode IMAGES with a VAE. -o X.npz writes mean and logvar; -o X.png writes input | reconstruction."""
     import numpy as np
 
-    from serve.client import GenClient, load_pixels, save_grid
+    from serve.client import load_pixels, save_grid
 
     blobs = [open(p, "rb").read() for p in images]
-    with _rpc_errors(server), GenClient(server, timeout=timeout) as client:
+    with _rpc_errors(server), _connect(server, timeout, security) as client:
         mean, logvar = client.encode(model, blobs, labels=_labels(labels), version=version)
         if output.endswith(".png"):
             recon = client.decode(model, mean, labels=_labels(labels), version=version)

@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-OUT = Path("demo-out")
-REPO = Path("exported")
 COLUMNS = 10  # one column per digit class
 
 
@@ -46,28 +44,35 @@ def _interleave(*rows: np.ndarray) -> np.ndarray:
     return np.concatenate(blocks)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from gen.defaults import DEFAULT_MODELS
     from serve.client import GenClient, Images, save_grid
     from serve.launch import start_server, stop_server
 
-    missing = [m.name for m in DEFAULT_MODELS if not (REPO / m.name).is_dir()]
+    parser = argparse.ArgumentParser(prog="python -m gen.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--repo", default="exported", type=Path, help="the model repository to serve")
+    parser.add_argument("--out", default="demo-out", type=Path, help="where the PNG grids go")
+    args = parser.parse_args(argv)
+    repo, out = args.repo, args.out
+    missing = [m.name for m in DEFAULT_MODELS if not (repo / m.name).is_dir()]
     if missing:
-        print(f"gen: error: {REPO}/ lacks the default models {', '.join(missing)}; "
+        print(f"gen: error: {repo}/ lacks the default models {', '.join(missing)}; "
               "`make models` trains and exports them", file=sys.stderr)
         return 2
-    OUT.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
     def say(msg: str) -> None:
         print(f"[{time.time() - t0:5.1f}s] {msg}", flush=True)
 
-    say(f"starting `gen serve --repo {REPO}` on 127.0.0.1 (port chosen by the OS)")
-    server = start_server(REPO)
+    say(f"starting `gen serve --repo {repo}` on 127.0.0.1 (port chosen by the OS)")
+    server = start_server(repo)
     grids = []
 
     def save(name: str, pixels: np.ndarray, what: str) -> None:
-        path = OUT / f"{name}.png"
+        path = out / f"{name}.png"
         save_grid(pixels, str(path), COLUMNS)
         grids.append((path, what))
         say(f"wrote {path}: {what}")
@@ -91,8 +96,8 @@ def main() -> int:
                  "VAE, held-out digits (odd rows) and their reconstructions (even rows)")
 
             sources, targets = _held_out("shapes", "paired", 20)
-            out = client.translate("shapes-pix2pix", [_png(s) for s in sources]).pixels
-            save("pix2pix-shapes", _interleave(sources, out, targets),
+            translated = client.translate("shapes-pix2pix", [_png(s) for s in sources]).pixels
+            save("pix2pix-shapes", _interleave(sources, translated, targets),
                  "pix2pix, held-out label maps, translations, and the real targets (rows of 3)")
 
             plain, striped = _held_out("stripes", "unpaired", 20)
@@ -112,7 +117,7 @@ def main() -> int:
                 bar = "#" * (30 * event.step // event.total)
                 print(f"\r  step {event.step:3d}/{event.total} [{bar:<30}]", end="", flush=True)
                 if event.preview is not None and event.step == event.total // 2:
-                    halfway = OUT / "diffusion-halfway.png"
+                    halfway = out / "diffusion-halfway.png"
                     save_grid(event.preview, str(halfway), COLUMNS)
             print(flush=True)
             grids.append((halfway, "the predicted clean images streamed at step 25 of 50"))

@@ -7,7 +7,7 @@ from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 from serve.errors import InvalidArgument
 from serve.images import decode_for, encode_pngs
-from serve.server import rpc
+from serve.server import deadline_of, rpc
 from serve.wire import tensor_from_pb, tensor_to_pb
 
 
@@ -15,9 +15,11 @@ def _optional(request, field: str):
     return getattr(request, field) if request.HasField(field) else None
 
 
-def _images_in(request, manifest, field: str = "images") -> np.ndarray:
+def _images_in(request, manifest, max_images: int, field: str = "images") -> np.ndarray:
     """PNG/JPEG bytes or a raw tensor -> float32 NCHW in the model's range."""
     blobs = list(getattr(request, field))
+    if len(blobs) > max_images:  # before decoding any of them
+        raise InvalidArgument(f"{field}: at most {max_images} images per request, got {len(blobs)}")
     if blobs and request.HasField("tensor"):
         raise InvalidArgument(f"{field}: give either {field} or tensor, not both")
     if request.HasField("tensor"):
@@ -62,24 +64,25 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     async def Sample(self, request, context):
         fmt = _format(request)
         result = await self.runtime.sample(request.model, request.n, seed=_optional(request, "seed"),
-                                           labels=list(request.labels) or None, version=_version(request))
+                                           labels=list(request.labels) or None, version=_version(request),
+                                           deadline=deadline_of(context))
         return _images_out(result, fmt, request.model)
 
     @rpc
     async def Translate(self, request, context):
         fmt = _format(request)
         manifest = self.runtime.manifest(request.model, _version(request))
-        images = _images_in(request, manifest)
+        images = _images_in(request, manifest, self.runtime.max_n)
         result = await self.runtime.translate(request.model, images, direction=request.direction or "AtoB",
-                                              version=manifest.version)
+                                              version=manifest.version, deadline=deadline_of(context))
         return _images_out(result, fmt, request.model)
 
     @rpc
     async def Encode(self, request, context):
         manifest = self.runtime.manifest(request.model, _version(request))
-        images = _images_in(request, manifest)
+        images = _images_in(request, manifest, self.runtime.max_n)
         result = await self.runtime.encode(request.model, images, labels=list(request.labels) or None,
-                                           version=manifest.version)
+                                           version=manifest.version, deadline=deadline_of(context))
         return pb.EncodeResponse(model=request.model, version=result.version, mean=tensor_to_pb(result.mean),
                                  logvar=tensor_to_pb(result.logvar), labels=[int(v) for v in result.labels])
 
@@ -90,7 +93,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             raise InvalidArgument("z: missing; give the latent codes as a float32 tensor [n, latent_size]")
         z = tensor_from_pb(request.z, "z")
         result = await self.runtime.decode(request.model, z, labels=list(request.labels) or None,
-                                           version=_version(request))
+                                           version=_version(request), deadline=deadline_of(context))
         return _images_out(result, fmt, request.model)
 
     @rpc
@@ -99,7 +102,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         events = self.runtime.generate(
             request.model, request.n, seed=_optional(request, "seed"), labels=list(request.labels) or None,
             guidance=_optional(request, "guidance"), sampler=request.sampler or "ddim", steps=request.steps or 50,
-            eta=_optional(request, "eta"), preview_every=request.preview_every, version=_version(request))
+            eta=_optional(request, "eta"), preview_every=request.preview_every, version=_version(request),
+            deadline=deadline_of(context))
         async for event in events:
             if event.kind == "progress":
                 progress = pb.Progress(step=event.step, total=event.total)

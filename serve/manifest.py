@@ -102,7 +102,7 @@ def parse_manifest(d: dict) -> Manifest:
     if d.get("format") != FORMAT:
         raise ManifestError(f"format: expected {FORMAT!r}, got {d.get('format')!r}")
     name = _get(d, "name", str, "manifest")
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ManifestError(f"name: {name!r} must match {NAME_RE.pattern}")
     version = _get(d, "version", int, "manifest")
     if version < 1:

@@ -4,7 +4,7 @@ tritonclient and perf_analyzer use. Every exported graph is a model here, named 
 """
 from __future__ import annotations
 
-import time
+import re
 
 import grpc
 import numpy as np
@@ -13,8 +13,8 @@ from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
 from serve.errors import FailedPrecondition, InvalidArgument, ServeError
-from serve.server import rpc, status_of
-from serve.wire import CONTENTS_FIELD, NUMPY_OF_OIP, OIP_DATATYPES
+from serve.server import deadline_of, rpc, status_of
+from serve.wire import CONTENTS_FIELD, NUMPY_OF_OIP, OIP_DATATYPES, check_shape
 
 SERVER_NAME = "gen"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy", "binary_tensor_data"]
@@ -24,7 +24,7 @@ CONFIG_TYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int64": mc.TY
 def _version(text: str) -> int | None:
     if not text:
         return None
-    if not text.isdigit() or int(text) < 1:
+    if not re.fullmatch(r"[0-9]{1,18}", text) or int(text) < 1:  # not str.isdigit, which takes '²'
         raise InvalidArgument(f"model_version: {text!r} is not a positive integer")
     return int(text)
 
@@ -40,10 +40,7 @@ def request_arrays(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         if tensor.datatype not in NUMPY_OF_OIP:
             raise InvalidArgument(f"{field}.datatype: {tensor.datatype!r} is not supported")
         dtype = NUMPY_OF_OIP[tensor.datatype]
-        shape = tuple(int(s) for s in tensor.shape)
-        if any(s < 0 for s in shape):
-            raise InvalidArgument(f"{field}.shape: {list(shape)} has a negative dimension")
-        count = int(np.prod(shape))
+        shape, count = check_shape(tensor.shape, field)
         if request.raw_input_contents:
             raw = request.raw_input_contents[i]
             if len(raw) != count * dtype.itemsize:
@@ -54,11 +51,22 @@ def request_arrays(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             values = getattr(tensor.contents, CONTENTS_FIELD.get(tensor.datatype, "fp32_contents"))
             if len(values) != count:
                 raise InvalidArgument(f"{field}.contents: {len(values)} values, shape {list(shape)} needs {count}")
-            array = np.asarray(values, dtype=dtype).reshape(shape)
+            array = _typed(values, dtype, field).reshape(shape)
         if tensor.name in arrays:
             raise InvalidArgument(f"{field}.name: input {tensor.name!r} given twice")
         arrays[tensor.name] = array
     return arrays
+
+
+def _typed(values, dtype: np.dtype, field: str) -> np.ndarray:
+    """Typed contents as `dtype`; integers outside its range are an error, not a silent wrap-around."""
+    if dtype.kind not in "iu":
+        return np.asarray(values, dtype=dtype)
+    wide = np.asarray(values, dtype=np.int64 if dtype.kind == "i" else np.uint64)
+    info = np.iinfo(dtype)
+    if len(wide) and (wide.min() < info.min or wide.max() > info.max):
+        raise InvalidArgument(f"{field}.contents: values must fit {dtype.name} ({info.min} to {info.max})")
+    return wide.astype(dtype)
 
 
 def response_of(model: str, version: int, request: pb.ModelInferRequest,
@@ -179,8 +187,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         handle = self.runtime.graph(request.model_name, _version(request.model_version))
         arrays = request_arrays(request)
-        remaining = context.time_remaining() if context is not None else None
-        deadline = None if remaining is None else time.monotonic() + remaining
+        deadline = deadline_of(context) if context is not None else None
         outputs = await self.runtime.infer(request.model_name, arrays, handle.version, deadline=deadline)
         return response_of(request.model_name, handle.version, request, outputs)
 

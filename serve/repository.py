@@ -59,7 +59,7 @@ class IndexEntry:
 
 
 def check_name(name: str, field_name: str = "model") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):  # fullmatch: "$" would allow a final "\n"
         raise InvalidArgument(f"{field_name}: {name!r} is not a model name "
                               f"(lower-case letters, digits, '.', '_', '-'; pattern {NAME_RE.pattern})")
     return name

@@ -190,7 +190,7 @@ class Runtime:
 
     def __init__(self, repo_root: str | Path, device: str = "auto", max_batch_size: int | None = None,
                  max_queue_delay_ms: float | None = None, max_queue_size: int = 1024, threads: int | None = None,
-                 max_n: int = 256, fp16: bool | None = None):
+                 max_n: int = 256, fp16: bool | None = None, max_steps: int = MAX_STEPS):
         if device not in DEVICES:
             raise ValueError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
         if device == "cuda" and CUDA not in ort.get_available_providers():
@@ -214,6 +214,7 @@ class Runtime:
         self.max_queue_delay_ms = max_queue_delay_ms
         self.max_queue_size = max_queue_size
         self.max_n = max_n
+        self.max_steps = max_steps  # per Generate request (also bounded by the model's training timesteps)
         self.fp16 = fp16
         self._lock = threading.Lock()
         self._batchers: dict[tuple[ModelVersion, str], DynamicBatcher] = {}
@@ -549,8 +550,8 @@ class Runtime:
         if sampler not in samplers:
             raise InvalidArgument(f"sampler: {sampler!r} is not one of {', '.join(samplers)}")
         T = int(m.diffusion["num_train_timesteps"])
-        if not _is_int(steps) or not 1 <= steps <= min(MAX_STEPS, T):
-            raise InvalidArgument(f"steps: must be between 1 and {min(MAX_STEPS, T)}, got {steps!r}")
+        if not _is_int(steps) or not 1 <= steps <= min(self.max_steps, T):
+            raise InvalidArgument(f"steps: must be between 1 and {min(self.max_steps, T)}, got {steps!r}")
         if guidance is None:
             guidance = float(m.raw.get("config", {}).get("guidance", 3.0)) if m.classes else 1.0
         guidance = _check_float("guidance", guidance, 0.0, MAX_GUIDANCE)

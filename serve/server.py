@@ -1,7 +1,9 @@
 """The grpc.aio server: both services on one port, plus health, reflection and Prometheus metrics.
 
 Status codes are mapped here, once: every servicer method raises serve.errors.ServeError subclasses and
-the `rpc` decorator turns them into the matching grpc.StatusCode with the error's message.
+the `rpc` decorator turns them into the matching grpc.StatusCode with the error's message; anything
+else is a bug, logged with its traceback and answered INTERNAL. Bytes that do not parse as the
+method's request message are answered INVALID_ARGUMENT (grpc's own answer would be UNKNOWN).
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import functools
 import inspect
 import logging
 import signal
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -18,10 +21,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import generator_pb2, generator_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from serve.auth import BearerTokenAuth
 from serve.errors import ServeError
 
 log = logging.getLogger("gen.serve")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_DETAILS = 1024  # characters of an error message
 
 
 @dataclass(kw_only=True)
@@ -36,11 +41,35 @@ class ServerConfig:
     max_queue_size: int = 1024  # per graph; beyond it requests get RESOURCE_EXHAUSTED
     allow_repository_control: bool = False  # RepositoryModelLoad/Unload refused unless set
     grace_s: float = 10.0  # on SIGTERM: stop accepting, let in-flight work finish this long
-    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # larger requests are refused with RESOURCE_EXHAUSTED
+    max_images: int = 256  # images (n, or rows of a tensor) per request
+    max_steps: int = 1000  # diffusion steps per Generate request
+    tls_cert: str | None = None  # PEM files; with both set the port speaks TLS only
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # set: clients must present a certificate signed by it (mTLS)
+    auth_tokens: list[str] = field(default_factory=list, repr=False)  # non-empty: bearer tokens required
+
+
+def deadline_of(context) -> float | None:
+    """The call's deadline as an absolute time.monotonic() value, as the runtime takes it."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def status_of(error: ServeError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
+
+
+def _brief(message: str) -> str:
+    """Messages echo request values; the status travels in a trailer, which gRPC caps at 16 KiB."""
+    return message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS - 16] + " ... (truncated)"
+
+
+async def _abort_for(error: Exception, method, context) -> None:
+    if isinstance(error, ServeError):
+        await context.abort(status_of(error), _brief(str(error)))
+    log.error("%s failed unexpectedly", method.__qualname__, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, _brief(f"internal error: {type(error).__name__}: {error}"))
 
 
 def rpc(method):
@@ -51,17 +80,96 @@ def rpc(method):
             try:
                 async for item in method(self, request, context):
                     yield item
-            except ServeError as e:
-                await context.abort(status_of(e), str(e))
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every failure gets a status; unexpected ones are logged
+                await _abort_for(e, method, context)
         return stream
 
     @functools.wraps(method)
     async def unary(self, request, context):
         try:
             return await method(self, request, context)
-        except ServeError as e:
-            await context.abort(status_of(e), str(e))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            await _abort_for(e, method, context)
     return unary
+
+
+class _Malformed:
+    """What the lenient deserializer returns for bytes that are not the request message."""
+
+
+MALFORMED = _Malformed()
+OUR_SERVICES = ("/gen.v1.Generator/", "/inference.GRPCInferenceService/")
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Unparseable request bytes -> INVALID_ARGUMENT naming the method, for our two services."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(OUR_SERVICES):
+            return handler
+        parse = handler.request_deserializer
+        message = f"request: the bytes are not a valid request message of {details.method}"
+
+        def lenient(data: bytes):
+            try:
+                return parse(data)
+            except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+                return MALFORMED
+
+        async def check(request, context):
+            if request is MALFORMED:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+        if handler.unary_unary:
+            async def unary_unary(request, context):
+                await check(request, context)
+                return await handler.unary_unary(request, context)
+            return handler._replace(request_deserializer=lenient, unary_unary=unary_unary)
+        if handler.unary_stream:
+            async def unary_stream(request, context):
+                await check(request, context)
+                async for item in handler.unary_stream(request, context):
+                    yield item
+            return handler._replace(request_deserializer=lenient, unary_stream=unary_stream)
+        if handler.stream_stream:
+            async def requests(iterator, context):
+                async for request in iterator:
+                    await check(request, context)
+                    yield request
+
+            async def stream_stream(iterator, context):
+                async for item in handler.stream_stream(requests(iterator, context), context):
+                    yield item
+            return handler._replace(request_deserializer=lenient, stream_stream=stream_stream)
+        return handler
+
+
+def tls_credentials(c: ServerConfig) -> grpc.ServerCredentials | None:
+    """grpc.ssl_server_credentials from the PEM files, or None without TLS; ValueError names the flag."""
+    if not (c.tls_cert or c.tls_key):
+        if c.tls_client_ca:
+            raise ValueError("--tls-client-ca: needs --tls-cert and --tls-key (mTLS runs over TLS)")
+        return None
+    if not (c.tls_cert and c.tls_key):
+        raise ValueError("--tls-cert and --tls-key: give both, the certificate chain and its private key")
+
+    def read(flag: str, path: str) -> bytes:
+        try:
+            data = open(path, "rb").read()
+        except OSError as e:
+            raise ValueError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+        if b"-----BEGIN" not in data:
+            raise ValueError(f"{flag} {path}: not a PEM file")
+        return data
+
+    key, cert = read("--tls-key", c.tls_key), read("--tls-cert", c.tls_cert)
+    ca = read("--tls-client-ca", c.tls_client_ca) if c.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 class GenServer:
@@ -72,7 +180,8 @@ class GenServer:
 
         self.config = config
         self.runtime = Runtime(Path(config.repo), device=config.device, max_batch_size=config.max_batch_size,
-                               max_queue_delay_ms=config.max_queue_delay_ms, max_queue_size=config.max_queue_size)
+                               max_queue_delay_ms=config.max_queue_delay_ms, max_queue_size=config.max_queue_size,
+                               max_n=config.max_images, max_steps=config.max_steps)
         self.server: grpc.aio.Server | None = None
         self.health = health.HealthServicer()
         self.port: int | None = None
@@ -83,7 +192,10 @@ class GenServer:
         from serve.oip import InferenceServicer
 
         c = self.config
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", c.max_message_bytes),
+        credentials = tls_credentials(c)
+        interceptors = [BearerTokenAuth(c.auth_tokens)] if c.auth_tokens else []
+        self.server = grpc.aio.server(interceptors=[*interceptors, MalformedRequests()],
+                                      options=[("grpc.max_receive_message_length", c.max_message_bytes),
                                                ("grpc.max_send_message_length", c.max_message_bytes)])
         await self.runtime.start()
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -94,7 +206,9 @@ class GenServer:
                     generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name,
                     health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self.server)
-        self.port = self.server.add_insecure_port(f"{c.host}:{c.port}")
+        address = f"{c.host}:{c.port}"
+        self.port = self.server.add_secure_port(address, credentials) if credentials else \
+            self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {c.host}:{c.port}")
         await self.server.start()

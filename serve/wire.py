@@ -1,6 +1,8 @@
 """protobuf <-> numpy for both services; shared by the servicers and the client."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from protos import generator_pb2 as gen_pb
@@ -15,6 +17,19 @@ CONTENTS_FIELD = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "in
                   "INT32": "int_contents", "INT16": "int_contents", "INT8": "int_contents",
                   "UINT8": "uint_contents", "BOOL": "bool_contents"}
 TENSOR_DTYPES = ("float32",)
+MAX_DIMS = 8  # our graphs take at most 4; numpy itself stops at 64
+
+
+def check_shape(dims, field: str) -> tuple[tuple[int, ...], int]:
+    """A request's shape -> (shape, element count); InvalidArgument names `field` when it is not one.
+
+    The count is a Python int (math.prod), so shapes such as [2^62, 2^62] cannot wrap around int64.
+    """
+    shape = tuple(int(s) for s in dims)
+    if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
+        raise InvalidArgument(f"{field}.shape: {list(shape)[:MAX_DIMS + 1]} is not a valid shape "
+                              f"(at most {MAX_DIMS} dimensions, none negative)")
+    return shape, math.prod(shape)
 
 
 def tensor_to_pb(array: np.ndarray) -> gen_pb.Tensor:
@@ -27,10 +42,10 @@ def tensor_from_pb(t: gen_pb.Tensor, field: str) -> np.ndarray:
     dtype = t.dtype or "float32"
     if dtype not in TENSOR_DTYPES:
         raise InvalidArgument(f"{field}.dtype: {dtype!r} is not supported; use float32")
-    shape = tuple(int(s) for s in t.shape)
-    if not shape or any(s < 0 for s in shape):
-        raise InvalidArgument(f"{field}.shape: {list(shape)} is not a valid shape")
-    expected = int(np.prod(shape)) * 4
+    shape, count = check_shape(t.shape, field)
+    if not shape:
+        raise InvalidArgument(f"{field}.shape: [] is not a valid shape; give the batch axis first")
+    expected = count * 4
     if len(t.data) != expected:
         raise InvalidArgument(f"{field}.data: {len(t.data)} bytes, but shape {list(shape)} of float32 needs "
                               f"{expected}")

@@ -279,9 +279,11 @@ def _generator(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -
     test_feats, test_pred = net.predict(test_images)
     report.add("classifier held-out accuracy", (test_pred == y_test.numpy()).mean(), "%")
     n_fd = min(cfg.n, len(x_test), len(x_train))
+    # random subsets, never the first n: splits are often sorted by class
     rng = np.random.default_rng(cfg.seed)
     train_feats, _ = net.predict(_to_float(x_train[rng.choice(len(x_train), n_fd, replace=False)]))
-    baseline = frechet_distance(train_feats, test_feats[:n_fd])
+    test_feats = test_feats[rng.choice(len(test_feats), n_fd, replace=False)]
+    baseline = frechet_distance(train_feats, test_feats)
 
     conditional = _conditional(m)
     labels = (np.arange(cfg.n) % len(m.classes)).astype(np.int64) if conditional else None
@@ -289,7 +291,7 @@ def _generator(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -
         + (f" ({cfg.sampler}, {cfg.steps} steps)" if m.family == "diffusion" else ""))
     samples = _sample(rt, m.name, m.family, cfg.n, labels, cfg)
     feats, pred = net.predict(samples)
-    fd = frechet_distance(feats[:n_fd], test_feats[:n_fd])
+    fd = frechet_distance(feats[rng.choice(len(feats), n_fd, replace=False)], test_feats)
     report.add("frechet distance", fd, at_most=3 * baseline if m.family == "diffusion" else None)
     report.add("frechet real-vs-real", baseline)
     report.add("frechet / baseline", fd / baseline if baseline > 0 else float("inf"))

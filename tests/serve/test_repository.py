@@ -14,7 +14,7 @@ from serve.manifest import file_sha256
 from serve.repository import READY, UNAVAILABLE, Repository
 
 
-def clone(src: Path, repo: Path, name: str, version: int) -> Path:
+def clone(src: Path, repo: Path, name: str, version: int = 1) -> Path:
     """Copy a version folder to repo/name/version, with the manifest's name and version updated."""
     dst = repo / name / str(version)
     shutil.copytree(src, dst)

@@ -1,0 +1,135 @@
+"""Case 2: serving throughput and latency of one graph under 1..128 concurrent tritonclient clients.
+
+Three servers hold the same ONNX file (the DCGAN generator of mnist-cgan) at once:
+  * gen serve, batching on (the manifest's policy: max batch 64, max queue delay 2 ms);
+  * gen serve --max-batch-size 1: batching off, one request per onnxruntime run;
+  * PyTriton 0.7.0: Triton's dynamic batcher (same max batch size and delay) in front of a Python
+    function that runs the file with onnxruntime and the same session options.
+For each repeat, concurrency and server in turn, bench/loadgen.py runs in its own process for a fixed
+time; the table keeps the median of the repeats.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTRITON_PY = ROOT / "bench" / ".venv-pytriton" / "bin" / "python"
+MODEL, GRAPH = "mnist-cgan", "generator"
+CONCURRENCY = (1, 8, 32, 128)
+OIP_TYPES = {"float32": "FP32", "int64": "INT64"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _specs(manifest: dict, batch_dim_for_vectors: bool) -> list[dict]:
+    """One request (batch 1) of the graph's inputs; PyTriton sends [B] inputs as [B, 1]."""
+    specs = []
+    for t in manifest["graphs"][GRAPH]["inputs"]:
+        shape = [1, *t["shape"][1:]]
+        if batch_dim_for_vectors and len(shape) == 1:
+            shape = [1, 1]
+        specs.append({"name": t["name"], "datatype": OIP_TYPES[t["dtype"]], "shape": shape})
+    return specs
+
+
+def start_pytriton(onnx_path: Path, name: str, log=print) -> tuple[subprocess.Popen | None, str, str]:
+    """(process, target, why it could not start: "" when it did)."""
+    if not PYTRITON_PY.exists():
+        return None, "", "bench/.venv-pytriton is missing (make bench creates it: nvidia-pytriton==0.7.0)"
+    grpc_port = _free_port()
+    cmd = [str(PYTRITON_PY), str(ROOT / "bench" / "pytriton_server.py"), "--onnx", str(onnx_path), "--name", name,
+           "--grpc-port", str(grpc_port), "--http-port", str(_free_port()), "--metrics-port", str(_free_port())]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    seen = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if line.strip() == "ready":
+            import threading
+
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep draining
+            return proc, f"127.0.0.1:{grpc_port}", ""
+    proc.kill()
+    errors = [s.strip() for s in seen if "rror" in s][-3:]
+    return None, "", "PyTriton did not start: " + (" | ".join(errors) or "".join(seen[-5:]))[:600]
+
+
+def _loadgen(target: str, model: str, specs: list[dict], concurrency: int, seconds: float, warmup: float) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.loadgen", "--target", target, "--model", model,
+                          "--inputs", json.dumps(specs), "--concurrency", str(concurrency), "--seconds", str(seconds),
+                          "--warmup", str(warmup)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=seconds + warmup + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {out.stderr[-1000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(base: Path, repeats: int, seconds: float, warmup: float, log=print) -> dict:
+    from serve.launch import start_server, stop_server
+
+    src = base / "exported" / MODEL / "1"
+    manifest = json.loads((src / "manifest.json").read_text())
+    tmp = Path(tempfile.mkdtemp(prefix="gen-bench-serving-"))
+    repo = tmp / "exported"
+    shutil.copytree(src, repo / MODEL / "1")  # a repository holding only this model
+    servers: dict[str, tuple[str, str, list[dict]]] = {}  # label -> (target, model name, request specs)
+    handles = []
+    result = {"model": f"{MODEL}.{GRAPH}", "pytriton_error": "", "rows": []}
+    try:
+        on = start_server(repo, "--device", "cpu")
+        handles.append(on)
+        servers["gen, batching on"] = (on.target, f"{MODEL}.{GRAPH}", _specs(manifest, False))
+        off = start_server(repo, "--device", "cpu", "--max-batch-size", "1")
+        handles.append(off)
+        servers["gen, batching off"] = (off.target, f"{MODEL}.{GRAPH}", _specs(manifest, False))
+        proc, target, why = start_pytriton(src / f"{GRAPH}.onnx", "generator", log)
+        if proc is not None:
+            servers["PyTriton"] = (target, "generator", _specs(manifest, True))
+        else:
+            result["pytriton_error"] = why
+            log(f"  {why}")
+        samples: dict[tuple[str, int], list[dict]] = {}
+        for rep in range(repeats):
+            for c in CONCURRENCY:
+                for label, (target, model, specs) in servers.items():
+                    r = _loadgen(target, model, specs, c, seconds, warmup)
+                    samples.setdefault((label, c), []).append(r)
+                    log(f"  [{rep + 1}/{repeats}] {label:18s} {c:3d} clients: {r['throughput']:8.1f} req/s, "
+                        f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}")
+        for (label, c), rs in samples.items():
+            result["rows"].append({
+                "server": label, "concurrency": c, "repeats": len(rs),
+                "throughput": statistics.median(r["throughput"] for r in rs),
+                "p50_ms": statistics.median(r["p50_ms"] for r in rs),
+                "p99_ms": statistics.median(r["p99_ms"] for r in rs),
+                "throughput_samples": [r["throughput"] for r in rs], "p99_samples": [r["p99_ms"] for r in rs],
+                "errors": sum(r["errors"] for r in rs), "first_error": next((r["first_error"] for r in rs
+                                                                             if r["first_error"]), "")})
+    finally:
+        for h in handles:
+            stop_server(h, timeout=30)
+        if "PyTriton" in servers:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result

@@ -1,0 +1,153 @@
+"""TLS, mutual TLS and bearer-token auth against real `gen serve` processes, with certificates made here
+by the openssl command line (a throwaway CA signing a server and a client certificate)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from protos import generator_pb2 as pb
+from protos import generator_pb2_grpc as pb_grpc
+from serve.client import GenClient
+from tests.serve.conftest import ROOT, start_server, stop_server
+
+TOKEN = "s3cret-token-for-tests"
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=gen test CA", "-days", "2",
+             cwd=d)
+    exts = {"server": "subjectAltName=IP:127.0.0.1,DNS:localhost", "client": "extendedKeyUsage=clientAuth"}
+    for who, ext in exts.items():
+        _openssl("req", *ec, "-keyout", f"{who}.key", "-out", f"{who}.csr", "-subj", f"/CN={who}", cwd=d)
+        (d / f"{who}.ext").write_text(ext + "\n")
+        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{who}.pem", "-days", "2", "-extfile", f"{who}.ext", cwd=d)
+    (d / "token").write_text(TOKEN + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def gan_repo(tiny_repo, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("secure") / "exported"
+    shutil.copytree(tiny_repo / "exported" / "tiny-gan", repo / "tiny-gan")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def tls_server(gan_repo, pki):
+    """TLS plus a token from a file; repository control left off."""
+    srv = start_server(gan_repo, "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+                       "--auth-token-file", str(pki / "token"))
+    yield srv
+    stop_server(srv)
+
+
+def _tls_channel(srv, pki, cert: bool = False):
+    key_pair = dict(private_key=(pki / "client.key").read_bytes(),
+                    certificate_chain=(pki / "client.pem").read_bytes()) if cert else {}
+    creds = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes(), **key_pair)
+    return grpc.secure_channel(srv.target, creds)
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def test_tls_and_tokens(tls_server, pki):
+    request = pb.SampleRequest(model="tiny-gan", n=1, seed=0)
+    plain = grpc.insecure_channel(tls_server.target)
+    assert _code(lambda: pb_grpc.GeneratorStub(plain).Sample(request, timeout=10)) == grpc.StatusCode.UNAVAILABLE
+    plain.close()
+    channel = _tls_channel(tls_server, pki)
+    stub = pb_grpc.GeneratorStub(channel)
+    assert _code(lambda: stub.Sample(request, timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+    for wrong in ("Bearer nope", f"Bearer {TOKEN}x", TOKEN, f"Basic {TOKEN}"):
+        assert _code(lambda w=wrong: stub.Sample(request, timeout=10, metadata=[("authorization", w)])) == \
+            grpc.StatusCode.UNAUTHENTICATED
+    assert _code(lambda: list(stub.Generate(pb.GenerateRequest(model="tiny-gan"), timeout=10))) == \
+        grpc.StatusCode.UNAUTHENTICATED, "streaming methods are guarded too"
+    assert len(stub.Sample(request, timeout=30, metadata=[("authorization", f"Bearer {TOKEN}")]).png) == 1
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING, "health needs no token"
+    channel.close()
+    with GenClient(tls_server.target, timeout=30, token=TOKEN, root_certificates=(pki / "ca.pem").read_bytes()) as c:
+        assert c.sample("tiny-gan", n=2, seed=1).pixels.shape == (2, 32, 32, 1)
+
+
+def test_tritonclient_with_the_token_header(tls_server, pki):
+    client = triton.InferenceServerClient(tls_server.target, ssl=True, root_certificates=str(pki / "ca.pem"))
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+        client.is_server_live()
+    assert client.is_server_live(headers=headers)
+    inputs = [triton.InferInput("z", [1, 8], "FP32"), triton.InferInput("label", [1], "INT64")]
+    inputs[0].set_data_from_numpy(np.zeros((1, 8), np.float32))
+    inputs[1].set_data_from_numpy(np.array([3], np.int64))
+    assert client.infer("tiny-gan.generator", inputs, headers=headers).as_numpy("image").shape == (1, 1, 32, 32)
+    with pytest.raises(InferenceServerException, match="repository control is off"):
+        client.load_model("tiny-gan", headers=headers)
+    client.close()
+
+
+def test_cli_client_token_and_tls_options(tls_server, pki, tmp_path):
+    def gen(*args):
+        return subprocess.run([sys.executable, "-m", "gen", "sample", "--model", "tiny-gan", "-n", "2", "-o",
+                               str(tmp_path / "s.png"), "--server", tls_server.target, *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    ok = gen("--tls-ca", str(pki / "ca.pem"), "--token-file", str(pki / "token"))
+    assert ok.returncode == 0, ok.stderr
+    denied = gen("--tls-ca", str(pki / "ca.pem"))
+    assert denied.returncode != 0 and denied.stderr.startswith("gen: error: UNAUTHENTICATED")
+    assert "Traceback" not in denied.stderr
+
+
+def test_mutual_tls_and_the_token_from_the_environment(gan_repo, pki):
+    srv = start_server(gan_repo, "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+                       "--tls-client-ca", str(pki / "ca.pem"), env={"GEN_AUTH_TOKEN": TOKEN})
+    try:
+        request, auth = pb.SampleRequest(model="tiny-gan", n=1), [("authorization", f"Bearer {TOKEN}")]
+        no_cert = _tls_channel(srv, pki)
+        assert _code(lambda: pb_grpc.GeneratorStub(no_cert).Sample(request, timeout=10, metadata=auth)) == \
+            grpc.StatusCode.UNAVAILABLE
+        no_cert.close()
+        channel = _tls_channel(srv, pki, cert=True)
+        stub = pb_grpc.GeneratorStub(channel)
+        assert _code(lambda: stub.Sample(request, timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+        assert len(stub.Sample(request, timeout=30, metadata=auth).png) == 1
+        channel.close()
+    finally:
+        stop_server(srv)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tls-cert", "server.pem"], "give both"),
+    (["--tls-client-ca", "ca.pem"], "needs --tls-cert"),
+    (["--tls-cert", "token", "--tls-key", "server.key"], "not a PEM file"),
+    (["--auth-token-file", "empty"], "holds no token"),
+])
+def test_serve_flag_mistakes_are_one_line(gan_repo, pki, args, message):
+    (pki / "empty").write_text("\n")
+    proc = subprocess.run([sys.executable, "-m", "gen", "serve", "--repo", str(gan_repo), "--port", "0",
+                           *[str(pki / a) if not a.startswith("--") else a for a in args]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("gen: error:") and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
