@@ -296,6 +296,10 @@ def _generator(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -
     report.add("frechet real-vs-real", baseline)
     report.add("frechet / baseline", fd / baseline if baseline > 0 else float("inf"))
     report.details["frechet_samples"] = n_fd
+    if m.family == "diffusion":  # what drew the samples, so a table can say how its number was produced
+        report.details["sampling"] = {"sampler": cfg.sampler, "steps": cfg.steps,
+                                      "guidance": m.raw.get("config", {}).get("guidance") if cfg.guidance is None
+                                      else cfg.guidance}
     if conditional:
         bar = {"gan": 0.90, "diffusion": 0.95}.get(m.family)
         report.add("class accuracy", (pred == labels).mean(), "%", at_least=bar)
