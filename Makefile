@@ -25,7 +25,7 @@ lint: setup
 demo: setup
 	$(PY) -m gen.demo
 
-# Retrain and re-export the shipped models (about 50 minutes on 2 CPU cores), then score them:
+# Retrain and re-export the shipped models (about 90 minutes on 2 CPU cores), then score them:
 # `gen eval --check` fails the target when a model misses its quality bar.
 models: setup
 	$(PY) -m gen.defaults
