@@ -26,13 +26,9 @@ def variants():
         o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         return o
 
-    def no_spinning():
-        o = session_options()
-        o.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return o
-
     return {"server's options": session_options, "ORT_ENABLE_EXTENDED (no layout optimisation)": extended,
-            "worker threads do not spin": no_spinning, "1 intra-op thread": lambda: session_options(threads=1)}
+            "worker threads do not spin": lambda: session_options(spin=False),  # gen serve --no-spin
+            "1 intra-op thread": lambda: session_options(threads=1)}  # gen serve --threads 1
 
 
 def run(base: Path, repeats: int, log=print) -> list[dict]:

@@ -262,6 +262,10 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check):
               help="Diffusion steps per Generate request.")
 @click.option("--max-message-mb", type=click.FloatRange(0.001), default=64.0, show_default=True,
               help="Largest gRPC message in or out; larger requests get RESOURCE_EXHAUSTED.")
+@click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads per session. "
+              "[default: the cores this process may use]")
+@click.option("--spin/--no-spin", default=True, show_default=True,
+              help="Idle onnxruntime threads spin; --no-spin gives the cores back (for hosts shared with other work).")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate chain: serve TLS.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key of --tls-cert.")
 @click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False),
@@ -269,8 +273,8 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check):
 @click.option("--auth-token-file", type=click.Path(exists=True, dir_okay=False),
               help="Require 'authorization: Bearer TOKEN' (a token per line; $GEN_AUTH_TOKEN adds one).")
 def serve_cmd(repo, host, port, device, metrics_port, max_batch_size, max_queue_delay_ms, max_queue_size,
-              allow_repository_control, grace, max_images, max_steps, max_message_mb, tls_cert, tls_key,
-              tls_client_ca, auth_token_file):
+              allow_repository_control, grace, max_images, max_steps, max_message_mb, threads, spin, tls_cert,
+              tls_key, tls_client_ca, auth_token_file):
     """Serve the model repository over gRPC (KServe OIP v2 and gen.v1.Generator) until SIGTERM.
 
     Health checks (grpc.health.v1) need no token. The metrics port is plain HTTP without auth.
@@ -297,7 +301,7 @@ def serve_cmd(repo, host, port, device, metrics_port, max_batch_size, max_queue_
     config = ServerConfig(repo=repo, host=host, port=port, device=device, metrics_port=metrics_port,
                           max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                           max_queue_size=max_queue_size, allow_repository_control=allow_repository_control,
-                          grace_s=grace, max_images=max_images, max_steps=max_steps,
+                          grace_s=grace, max_images=max_images, max_steps=max_steps, threads=threads, spin=spin,
                           max_message_bytes=int(max_message_mb * 1024 * 1024), tls_cert=tls_cert, tls_key=tls_key,
                           tls_client_ca=tls_client_ca, auth_tokens=tokens)
     try:

@@ -64,9 +64,14 @@ def available_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, spin: bool = True) -> ort.SessionOptions:
+    """The server's session options. spin=False: idle worker threads sleep instead of spinning, which gives
+    the cores back to other processes (faster on a shared host, slower on one the server has to itself:
+    BENCHMARKS.md, session options)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or available_threads()
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.inter_op_num_threads = 1  # sequential execution: the graphs are chains, nothing to overlap
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -84,7 +89,7 @@ class GraphRunner:
     """
 
     def __init__(self, version_dir: Path, graph: GraphInfo, device: str = "auto", threads: int | None = None,
-                 fp16: bool | None = None):
+                 fp16: bool | None = None, spin: bool = True):
         if device not in DEVICES:
             raise ValueError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
         want_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
@@ -93,7 +98,7 @@ class GraphRunner:
             use_fp16 = graph.fp16_file is not None and fp16 is not False
             path = Path(version_dir) / (graph.fp16_file if use_fp16 else graph.file)
             try:
-                session = ort.InferenceSession(str(path), session_options(threads),
+                session = ort.InferenceSession(str(path), session_options(threads, spin),
                                                providers=[(CUDA, {"device_id": 0}), CPU])
             except Exception:
                 if device == "cuda":
@@ -108,7 +113,7 @@ class GraphRunner:
                                          "libraries (onnxruntime.preload_dlls()) or use device='cpu'")
         if self.session is None:
             path = Path(version_dir) / graph.file
-            self.session = ort.InferenceSession(str(path), session_options(threads), providers=[CPU])
+            self.session = ort.InferenceSession(str(path), session_options(threads, spin), providers=[CPU])
             self.device, self.file = "cpu", path.name
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
@@ -190,7 +195,7 @@ class Runtime:
 
     def __init__(self, repo_root: str | Path, device: str = "auto", max_batch_size: int | None = None,
                  max_queue_delay_ms: float | None = None, max_queue_size: int = 1024, threads: int | None = None,
-                 max_n: int = 256, fp16: bool | None = None, max_steps: int = MAX_STEPS):
+                 max_n: int = 256, fp16: bool | None = None, max_steps: int = MAX_STEPS, spin: bool = True):
         if device not in DEVICES:
             raise ValueError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
         if device == "cuda" and CUDA not in ort.get_available_providers():
@@ -208,8 +213,11 @@ class Runtime:
             raise ValueError(f"max_queue_delay_ms: must be >= 0, got {max_queue_delay_ms}")
         if max_n < 1:
             raise ValueError(f"max_n: must be >= 1, got {max_n}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads: must be >= 1, got {threads}")
         self.device = device
         self.threads = threads or available_threads()
+        self.spin = spin
         self.max_batch_size = max_batch_size
         self.max_queue_delay_ms = max_queue_delay_ms
         self.max_queue_size = max_queue_size
@@ -224,7 +232,7 @@ class Runtime:
         self.sync = SyncRuntime(self)
 
     def _open_graph(self, version_dir: Path, graph: GraphInfo) -> GraphRunner:
-        return GraphRunner(version_dir, graph, self.device, self.threads, self.fp16)
+        return GraphRunner(version_dir, graph, self.device, self.threads, self.fp16, self.spin)
 
     # --- lifecycle -------------------------------------------------------------------------------
 

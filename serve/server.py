@@ -44,6 +44,8 @@ class ServerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES  # larger requests are refused with RESOURCE_EXHAUSTED
     max_images: int = 256  # images (n, or rows of a tensor) per request
     max_steps: int = 1000  # diffusion steps per Generate request
+    threads: int | None = None  # onnxruntime intra-op threads per session; None: the cores this process may use
+    spin: bool = True  # idle onnxruntime worker threads spin (fastest when the server has the cores to itself)
     tls_cert: str | None = None  # PEM files; with both set the port speaks TLS only
     tls_key: str | None = None
     tls_client_ca: str | None = None  # set: clients must present a certificate signed by it (mTLS)
@@ -181,7 +183,8 @@ class GenServer:
         self.config = config
         self.runtime = Runtime(Path(config.repo), device=config.device, max_batch_size=config.max_batch_size,
                                max_queue_delay_ms=config.max_queue_delay_ms, max_queue_size=config.max_queue_size,
-                               max_n=config.max_images, max_steps=config.max_steps)
+                               max_n=config.max_images, max_steps=config.max_steps, threads=config.threads,
+                               spin=config.spin)
         self.server: grpc.aio.Server | None = None
         self.health = health.HealthServicer()
         self.port: int | None = None

@@ -118,6 +118,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, fsync, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphaned_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -128,6 +129,21 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _remove_orphaned_temporaries(path: Path) -> None:
+    """Delete temporary files of `path` left by writers that were killed mid-write (their PID is gone)."""
+    prefix = f".{path.name}.tmp"
+    for tmp in path.parent.glob(prefix + "*"):
+        pid = tmp.name[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, someone else's
 
 
 def git_commit() -> str | None:

@@ -87,7 +87,7 @@ def fault_repo(tiny_repo, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def faulty(fault_repo):
     srv = start_server(fault_repo, "--max-batch-size", "1", "--allow-repository-control", "--max-message-mb", "1",
-                       "--max-images", "16", "--grace", "30")
+                       "--max-images", "16", "--grace", "30", "--threads", "1", "--no-spin")  # shared-host options
     yield srv
     stop_server(srv)
 

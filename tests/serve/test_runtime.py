@@ -94,6 +94,20 @@ def test_a_request_in_a_busy_batch_equals_it_alone(tiny_repo):
         assert rel(shared.images, alone.images) <= 1e-4
 
 
+def test_thread_and_spin_options_reach_the_sessions_and_not_the_results(rt, tiny_repo):
+    # gen serve --threads 1 --no-spin: for hosts shared with other work (BENCHMARKS.md, session options)
+    with Runtime(tiny_repo / "exported", device="cpu", threads=1, spin=False) as lean:
+        result = lean.sync.sample("tiny-gan", 3, seed=5, labels=[0, 1, 2])
+        options = lean.repository.resolve("tiny-gan").runners["generator"].session.get_session_options()
+        assert options.intra_op_num_threads == 1
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert rel(result.images, rt.sync.sample("tiny-gan", 3, seed=5, labels=[0, 1, 2]).images) <= 1e-5
+    default = rt.repository.resolve("tiny-gan").runners["generator"].session.get_session_options()
+    assert default.intra_op_num_threads == rt.threads >= 1
+    with pytest.raises(ValueError, match="threads"):
+        Runtime(tiny_repo / "exported", device="cpu", threads=0)
+
+
 def test_translate(rt, tiny_repo):
     x = rgb(3)
     out = rt.sync.translate("tiny-pix2pix", x)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.loop import atomic_write
+
 ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
@@ -54,4 +56,7 @@ def test_a_checkpoint_killed_mid_save_still_loads(tmp_path):
         state = torch.load(path, weights_only=False)
         assert state["step"] in (saved, saved + 1), (state["step"], saved)
         assert torch.equal(state["family"]["weights"], torch.full((6_000_000,), float(state["step"])))
+        # the next save (a resumed run) clears what the killed writer left behind
+        atomic_write(path, lambda f, state=state: torch.save(state, f))
+        assert not list(path.parent.glob(".checkpoint.pt.tmp*"))
     assert mid_save_kills >= 1, "no kill landed in the middle of a save; the test did not test anything"
