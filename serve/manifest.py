@@ -69,6 +69,11 @@ class Manifest:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def default_guidance(self) -> float:
+        """The guidance scale a Generate request without one gets: the training-time value (1 when unconditional)."""
+        return float(self.raw.get("config", {}).get("guidance", 3.0)) if self.classes else 1.0
+
 
 def _get(d: dict, key: str, kind, where: str):
     if key not in d:

@@ -561,7 +561,7 @@ class Runtime:
         if not _is_int(steps) or not 1 <= steps <= min(self.max_steps, T):
             raise InvalidArgument(f"steps: must be between 1 and {min(self.max_steps, T)}, got {steps!r}")
         if guidance is None:
-            guidance = float(m.raw.get("config", {}).get("guidance", 3.0)) if m.classes else 1.0
+            guidance = m.default_guidance
         guidance = _check_float("guidance", guidance, 0.0, MAX_GUIDANCE)
         eta = _check_float("eta", 0.0 if eta is None else eta, 0.0, 1.0)
         if not _is_int(preview_every) or preview_every < 0:

@@ -298,8 +298,7 @@ def _generator(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -
     report.details["frechet_samples"] = n_fd
     if m.family == "diffusion":  # what drew the samples, so a table can say how its number was produced
         report.details["sampling"] = {"sampler": cfg.sampler, "steps": cfg.steps,
-                                      "guidance": m.raw.get("config", {}).get("guidance") if cfg.guidance is None
-                                      else cfg.guidance}
+                                      "guidance": m.default_guidance if cfg.guidance is None else cfg.guidance}
     if conditional:
         bar = {"gan": 0.90, "diffusion": 0.95}.get(m.family)
         report.add("class accuracy", (pred == labels).mean(), "%", at_least=bar)
