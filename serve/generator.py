@@ -7,7 +7,7 @@ from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 from serve.errors import InvalidArgument
 from serve.images import decode_for, encode_pngs
-from serve.server import deadline_of, rpc
+from serve.status import deadline_of, rpc
 from serve.wire import tensor_from_pb, tensor_to_pb
 
 

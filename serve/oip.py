@@ -13,7 +13,7 @@ from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
 from serve.errors import FailedPrecondition, InvalidArgument, ServeError
-from serve.server import deadline_of, rpc, status_of
+from serve.status import deadline_of, rpc, status_of
 from serve.wire import CONTENTS_FIELD, NUMPY_OF_OIP, OIP_DATATYPES, check_shape
 
 SERVER_NAME = "gen"
@@ -195,6 +195,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         return await self._infer(request, context)
 
+    @rpc  # an error outside one request (a broken stream, a bug) gets a status like every other call
     async def ModelStreamInfer(self, request_iterator, context):
         """Bidirectional: each request answered in order; an error goes in error_message, the stream lives on."""
         async for request in request_iterator:

@@ -1,18 +1,14 @@
 """The grpc.aio server: both services on one port, plus health, reflection and Prometheus metrics.
 
-Status codes are mapped here, once: every servicer method raises serve.errors.ServeError subclasses and
-the `rpc` decorator turns them into the matching grpc.StatusCode with the error's message; anything
-else is a bug, logged with its traceback and answered INTERNAL. Bytes that do not parse as the
-method's request message are answered INVALID_ARGUMENT (grpc's own answer would be UNKNOWN).
+Status codes are mapped in serve/status.py (the `rpc` decorator every servicer method wears). Bytes that
+do not parse as the method's request message are answered INVALID_ARGUMENT here, by an interceptor
+(grpc's own answer would be UNKNOWN).
 """
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import logging
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +18,9 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import generator_pb2, generator_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from serve.auth import BearerTokenAuth
-from serve.errors import ServeError
 
 log = logging.getLogger("gen.serve")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-MAX_DETAILS = 1024  # characters of an error message
 
 
 @dataclass(kw_only=True)
@@ -50,53 +44,6 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # set: clients must present a certificate signed by it (mTLS)
     auth_tokens: list[str] = field(default_factory=list, repr=False)  # non-empty: bearer tokens required
-
-
-def deadline_of(context) -> float | None:
-    """The call's deadline as an absolute time.monotonic() value, as the runtime takes it."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
-def status_of(error: ServeError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
-
-
-def _brief(message: str) -> str:
-    """Messages echo request values; the status travels in a trailer, which gRPC caps at 16 KiB."""
-    return message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS - 16] + " ... (truncated)"
-
-
-async def _abort_for(error: Exception, method, context) -> None:
-    if isinstance(error, ServeError):
-        await context.abort(status_of(error), _brief(str(error)))
-    log.error("%s failed unexpectedly", method.__qualname__, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, _brief(f"internal error: {type(error).__name__}: {error}"))
-
-
-def rpc(method):
-    """Map ServeError to its status code, for unary and server-streaming handlers alike."""
-    if inspect.isasyncgenfunction(method):
-        @functools.wraps(method)
-        async def stream(self, request, context):
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as e:  # noqa: BLE001 - every failure gets a status; unexpected ones are logged
-                await _abort_for(e, method, context)
-        return stream
-
-    @functools.wraps(method)
-    async def unary(self, request, context):
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            await _abort_for(e, method, context)
-    return unary
 
 
 class _Malformed:
@@ -237,7 +184,7 @@ class GenServer:
 
 
 async def serve_forever(config: ServerConfig, ready=None) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully. `ready(port)` is called once listening."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully. `ready(server, port)` is called once listening."""
     server = GenServer(config)
     port = await server.start()
     if ready is not None:
