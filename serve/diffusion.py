@@ -1,23 +1,23 @@
-"""Step-level batching of diffusion sampling: one loop per model, one step-graph run per iteration.
+"""Step-level batching of diffusion sampling: one loop per model version, one denoiser run per iteration.
 
-The exported `step` graph does one whole denoising step with every coefficient per sample (see
-trainer/models/diffusion.py, `DiffusionStep`): inputs x_t, t, t_prev, label, guidance, eta, noise,
-sampler, x0_prev, t_last; outputs x_prev and x0. So rows of different requests, at different steps,
-with different samplers, step counts, guidance and eta, can share one run. The scheduler keeps each
-sample row's state and, every iteration, gathers up to `max_batch_size` unfinished rows (oldest
-request first, then row order), runs the graph once and advances each row by one step. Requests join
-and leave between iterations; a cancelled or expired request is dropped before the next run, so it
-leaves within one step.
+Every iteration the loop gathers up to `max_batch_size` unfinished rows of any requests (oldest request first,
+then row order), whatever their step, sampler, step count, guidance and eta, and runs the model's iteration
+graph once (serve/denoising.py, through serve/session.py's DenoisingSession): the denoiser on one doubled batch
+for classifier-free guidance, each row's x0, and each row's sampler update from its own coefficients
+(serve/samplers/). Requests join and leave between iterations; a cancelled or expired request is dropped before
+the next run, so it leaves within one step.
+
+The rows' sampler state stays on the device in `capacity` slots. A row is admitted into a free slot (its x_T
+uploaded) when its request is among the oldest; its slot is freed when it finishes. Only finished images and
+requested previews are copied back.
 
 Per row (sample i of a request with seed s):
-  * rng = np.random.default_rng(np.random.SeedSequence([s, i])); x_T is its first draw, then one
-    noise draw per step, in step order, used by the sampler or not (as trainer's `run_sampler`), so
-    a row's result depends on nothing but its own parameters, not on what it was batched with;
-  * the (t, t_prev) pairs of the trailing rule below, its position in them, x_t, the previous x0
-    estimate and its timestep t_last (the DPM-Solver++(2M) state; t_last = -1: none yet).
+  * rng = np.random.default_rng(np.random.SeedSequence([s, i])); x_T is its first draw, then, for samplers that
+    use noise, one draw per step in step order, so a row's result depends on nothing but its own parameters;
+  * its request's plan (one update matrix per step), its position in the (t, t_prev) pairs of the trailing rule.
 
-Like the batcher, the loop is a thread (every iteration is a blocking run) and talks to callers
-through a `deliver` callback, so asyncio handlers and synchronous code use it alike.
+Like the batcher, the loop is a thread (every iteration is a blocking run) and talks to callers through a
+`deliver` callback, so asyncio handlers and synchronous code use it alike.
 """
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from serve.batcher import RunFn, Stats
+from serve.batcher import Stats
 from serve.errors import Cancelled, DeadlineExceeded, Internal, ResourceExhausted, ServeError, Unavailable
+from serve.samplers import NoiseSchedule, Sampler, padded_plan
 
 
 def timestep_pairs(steps: int, num_train_timesteps: int) -> list[tuple[int, int]]:
@@ -49,7 +50,7 @@ def row_rng(seed: int, index: int) -> np.random.Generator:
 
 @dataclass
 class Progress:
-    """A request's rows have all finished `step` of `total` steps; `preview` is their x0 estimate."""
+    """A request's rows have all finished `step` of `total` steps; `preview` is their x0 estimate at that step."""
 
     step: int
     total: int
@@ -63,32 +64,36 @@ class Done:
 
 
 class _Row:
-    __slots__ = ("request", "index", "rng", "x", "x0", "t_last", "pos")
+    __slots__ = ("request", "index", "rng", "slot", "pos", "image", "previews")
 
-    def __init__(self, request: GenerationRequest, index: int, shape: tuple[int, ...]):
+    def __init__(self, request: GenerationRequest, index: int):
         self.request = request
         self.index = index
         self.rng = row_rng(request.seed, index)
-        self.x = self.rng.standard_normal(shape, dtype=np.float32)  # x_T: the row's first draw
-        self.x0 = np.zeros(shape, np.float32)
-        self.t_last = -1
+        self.slot: int | None = None  # its state's slot on the device, once admitted
         self.pos = 0  # steps done
+        self.image: np.ndarray | None = None
+        self.previews: dict[int, np.ndarray] = {}  # step -> x0, kept until the request's preview is sent
 
 
 class GenerationRequest:
     """One generate call inside the scheduler; `cancel()` takes it out before the next step."""
 
-    def __init__(self, seq: int, seed: int, labels: np.ndarray, guidance: float, eta: float, sampler: int,
-                 steps: int, num_train_timesteps: int, preview_every: int, deadline: float | None,
+    def __init__(self, seq: int, seed: int, labels: np.ndarray, guidance: float, eta: float, sampler: type[Sampler],
+                 steps: int, schedule: NoiseSchedule, state_size: int, preview_every: int, deadline: float | None,
                  deliver: Callable[[object], None]):
         self.seq = seq
         self.seed = seed
         self.labels = np.asarray(labels, np.int64)
         self.guidance = float(guidance)
         self.eta = float(eta)
-        self.sampler = int(sampler)
+        self.sampler = sampler
         self.steps = steps
-        self.pairs = timestep_pairs(steps, num_train_timesteps)
+        self.pairs = timestep_pairs(steps, schedule.T)
+        self.plan = padded_plan(sampler, schedule, self.pairs, self.eta, state_size)  # [steps, S, S + 2]
+        clip = 1.0 if sampler.clip_x0 else 0.0
+        self.conv = np.array([(*schedule.to_x0(t), clip) for t, _ in self.pairs], np.float32)  # [steps, 3]
+        self.noisy = sampler.uses_noise(self.eta)
         self.preview_every = preview_every
         self.deadline = deadline
         self.deliver = deliver
@@ -108,20 +113,24 @@ class GenerationRequest:
 
 
 class DiffusionScheduler:
-    """The step-level batching loop of one diffusion model version; see the module docstring."""
+    """The step-level batching loop of one diffusion model version; see the module docstring.
 
-    def __init__(self, run: RunFn, *, image_shape: tuple[int, int, int], num_train_timesteps: int,
-                 name: str = "diffusion", max_batch_size: int = 64, max_queue_size: int = 1024):
+    `session` is a serve.session.DenoisingSession (or anything with its `admit`, `step`, `capacity` and
+    `state_size`).
+    """
+
+    def __init__(self, session, schedule: NoiseSchedule, *, name: str = "diffusion", max_batch_size: int = 64,
+                 max_queue_size: int = 1024):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self._run = run
+        self.session = session
+        self.schedule = schedule
         self.name = name
-        self.image_shape = tuple(image_shape)
-        self.num_train_timesteps = num_train_timesteps
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = min(max_batch_size, session.capacity)
         self.max_queue_size = max_queue_size
         self.stats = Stats(name=name)
         self._requests: list[GenerationRequest] = []  # active, in arrival order
+        self._free = list(range(session.capacity))[::-1]  # free slots; pop() takes the lowest
         self._seq = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -129,7 +138,7 @@ class DiffusionScheduler:
 
     @property
     def executions(self) -> int:
-        """Step-graph runs so far."""
+        """Iteration-graph runs so far."""
         return self.stats.execution_count
 
     def active(self) -> int:
@@ -141,8 +150,8 @@ class DiffusionScheduler:
         with self._cond:
             return self.stats.snapshot()
 
-    def submit(self, *, seed: int, labels: np.ndarray, guidance: float, eta: float, sampler: int, steps: int,
-               deliver: Callable[[object], None], preview_every: int = 0,
+    def submit(self, *, seed: int, labels: np.ndarray, guidance: float, eta: float, sampler: type[Sampler],
+               steps: int, deliver: Callable[[object], None], preview_every: int = 0,
                deadline: float | None = None) -> GenerationRequest:
         """Add a request (already validated); its events go to `deliver`: Progress..., then Done or an error."""
         with self._cond:
@@ -153,10 +162,10 @@ class DiffusionScheduler:
                                           "already; retry later")
                 self.stats.record_done(0, error)
                 raise error
-            req = GenerationRequest(self._seq, seed, labels, guidance, eta, sampler, steps,
-                                    self.num_train_timesteps, preview_every, deadline, deliver)
+            req = GenerationRequest(self._seq, seed, labels, guidance, eta, sampler, steps, self.schedule,
+                                    self.session.state_size, preview_every, deadline, deliver)
             self._seq += 1
-            req.rows = [_Row(req, i, self.image_shape) for i in range(req.n)]
+            req.rows = [_Row(req, i) for i in range(req.n)]
             self._requests.append(req)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"diffusion-{self.name}", daemon=True)
@@ -185,9 +194,18 @@ class DiffusionScheduler:
                     self._thread = None
                     return  # closed and drained
                 self._prune()
-                rows = self._pick()
-            if rows:
-                self._step(rows)
+                admit = self._to_admit()
+            try:
+                if admit:
+                    self.session.admit(np.array([r.slot for r in admit]),
+                                       np.stack([r.rng.standard_normal(self.session.image_shape, dtype=np.float32)
+                                                 for r in admit]))
+                with self._cond:
+                    rows = self._pick()
+                if rows:
+                    self._step(rows)
+            except Exception as e:  # noqa: BLE001 - fails the requests whose rows it touched, the loop goes on
+                self._fail({id(r.request): r.request for r in admit}.values(), e)
 
     def _prune(self) -> None:
         """Drop cancelled and expired requests (under the lock)."""
@@ -203,12 +221,24 @@ class DiffusionScheduler:
                 keep.append(req)
         self._requests = keep
 
+    def _to_admit(self) -> list[_Row]:
+        """Rows that get a free slot now, oldest request first (under the lock)."""
+        rows = []
+        for req in self._requests:
+            for row in req.rows:
+                if not self._free:
+                    return rows
+                if row.slot is None and row.pos < req.steps:
+                    row.slot = self._free.pop()
+                    rows.append(row)
+        return rows
+
     def _pick(self) -> list[_Row]:
-        """Up to max_batch_size unfinished rows, oldest request first (under the lock)."""
+        """Up to max_batch_size resident unfinished rows, oldest request first (under the lock)."""
         rows: list[_Row] = []
         for req in self._requests:
             for row in req.rows:
-                if row.pos < req.steps:
+                if row.slot is not None and row.pos < req.steps:
                     rows.append(row)
                     if len(rows) == self.max_batch_size:
                         return rows
@@ -224,41 +254,50 @@ class DiffusionScheduler:
                     self.stats.queue_count += 1
                     self.stats.queue_ns += t0 - req.created_ns
         try:
-            pairs = [r.request.pairs[r.pos] for r in rows]
-            feeds = {
-                "x_t": np.stack([r.x for r in rows]),
-                "t": np.array([p[0] for p in pairs], np.int64),
-                "t_prev": np.array([p[1] for p in pairs], np.int64),
-                "label": np.array([r.request.labels[r.index] for r in rows], np.int64),
-                "guidance": np.array([r.request.guidance for r in rows], np.float32),
-                "eta": np.array([r.request.eta for r in rows], np.float32),
-                "noise": np.stack([r.rng.standard_normal(self.image_shape, dtype=np.float32) for r in rows]),
-                "sampler": np.array([r.request.sampler for r in rows], np.int64),
-                "x0_prev": np.stack([r.x0 for r in rows]),
-                "t_last": np.array([r.t_last for r in rows], np.int64),
-            }
+            noise = None
+            if any(r.request.noisy for r in rows):
+                shape = self.session.image_shape
+                noise = np.stack([r.rng.standard_normal(shape, dtype=np.float32) if r.request.noisy
+                                  else np.zeros(shape, np.float32) for r in rows])
+            out = self.session.step(
+                slots=np.array([r.slot for r in rows], np.int64),
+                t=np.array([r.request.pairs[r.pos][0] for r in rows], np.int64),
+                label=np.array([r.request.labels[r.index] for r in rows], np.int64),
+                guidance=np.array([r.request.guidance for r in rows], np.float32),
+                conv=np.stack([r.request.conv[r.pos] for r in rows]),
+                coef=np.stack([r.request.plan[r.pos] for r in rows]),
+                noise=noise)
             t1 = time.perf_counter_ns()
-            out = self._run(feeds)
-            t2 = time.perf_counter_ns()
-            x_prev, x0 = out["x_prev"], out["x0"]
-            if len(x_prev) != len(rows) or len(x0) != len(rows):
-                raise Internal(f"{self.name}: the step graph returned {len(x_prev)} rows for {len(rows)}")
+            for row in rows:
+                row.pos += 1
+            finished = [k for k, r in enumerate(rows) if r.pos == r.request.steps]
+            previews = [k for k, r in enumerate(rows) if r.request.preview_every and
+                        r.pos % r.request.preview_every == 0]
+            x = out.x() if finished else None  # the only copies back: finished images and previews
+            x0 = out.x0() if previews else None
         except Exception as e:  # noqa: BLE001 - fails the requests of this run only
-            error = e if isinstance(e, ServeError) else Internal(f"{self.name}: step failed: {e}")
-            with self._cond:
-                for req in requests:
-                    self._end(req, error)
-                self._requests = [r for r in self._requests if not r.finished]
+            self._fail(requests, e)
             return
-        for k, (row, (t, _)) in enumerate(zip(rows, pairs)):
-            row.x, row.x0, row.t_last = x_prev[k].copy(), x0[k].copy(), t
-            row.pos += 1
-        t3 = time.perf_counter_ns()
+        for k in previews:
+            rows[k].previews[rows[k].pos] = x0[k]
+        with self._cond:
+            for k in finished:
+                rows[k].image = x[k]
+                self._free.append(rows[k].slot)
+                rows[k].slot = None
+        t2 = time.perf_counter_ns()
         with self._cond:  # counted before anyone hears of it: statistics read after an answer include its run
-            self.stats.record_run(len(rows), t1 - t0, t2 - t1, t3 - t2)
+            self.stats.record_run(len(rows), 0, t1 - t0, t2 - t1)
         for req in requests:
             self._report(req)
         with self._cond:
+            self._requests = [r for r in self._requests if not r.finished]
+
+    def _fail(self, requests, e: Exception) -> None:
+        error = e if isinstance(e, ServeError) else Internal(f"{self.name}: denoising step failed: {e}")
+        with self._cond:
+            for req in requests:
+                self._end(req, error)
             self._requests = [r for r in self._requests if not r.finished]
 
     def _report(self, req: GenerationRequest) -> None:
@@ -266,15 +305,16 @@ class DiffusionScheduler:
         if req.cancelled:
             return  # dropped by the next _prune
         step = min(r.pos for r in req.rows)
-        if step <= req.reported:
-            return
-        req.reported = step
-        preview = None
-        if req.preview_every and step % req.preview_every == 0:
-            preview = np.stack([r.x0 for r in req.rows])
-        self._send(req, Progress(step, req.steps, preview))
+        while req.reported < step:
+            req.reported += 1
+            k = req.reported
+            preview = None
+            if req.preview_every and k % req.preview_every == 0:
+                preview = np.stack([r.previews.pop(k) for r in req.rows])
+            if k == step or preview is not None:
+                self._send(req, Progress(k, req.steps, preview))
         if step == req.steps:
-            images = np.clip(np.stack([r.x for r in req.rows]), -1.0, 1.0)
+            images = np.clip(np.stack([r.image for r in req.rows]), -1.0, 1.0)
             self._send(req, Done(images))
             with self._cond:
                 self._end(req, None)
@@ -286,10 +326,14 @@ class DiffusionScheduler:
             req.cancelled = True
 
     def _end(self, req: GenerationRequest, error: ServeError | None) -> None:
-        """Mark a request finished and account for it (under the lock); errors are delivered."""
+        """Mark a request finished, free its slots and account for it (under the lock); errors are delivered."""
         if req.finished:
             return
         req.finished = True
+        for row in req.rows:
+            if row.slot is not None:
+                self._free.append(row.slot)
+                row.slot = None
         if error is not None and not isinstance(error, Cancelled):
             self._send(req, type(error)(error.message))
         self.stats.record_done(time.perf_counter_ns() - req.created_ns, error)

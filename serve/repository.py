@@ -2,7 +2,7 @@
 
 At start every <name>/<version>/ is scanned and verified (`scan_repository(verify=True)`: manifest
 schema, file hashes), then every graph of every healthy version is opened with the runner factory
-(onnxruntime sessions, see serve.runtime). A version is READY when all of that worked, else
+(onnxruntime sessions, see serve.session). A version is READY when all of that worked, else
 UNAVAILABLE with the reason (bad manifest, hash mismatch, onnxruntime refusing the file, ...).
 
 `load(name)` re-reads one model from disk: versions whose manifest and files are unchanged keep their
@@ -66,7 +66,7 @@ def check_name(name: str, field_name: str = "model") -> str:
 
 
 def _default_factory(version_dir: Path, graph: GraphInfo) -> Any:
-    from serve.runtime import GraphRunner  # runtime imports this module
+    from serve.session import GraphRunner
 
     return GraphRunner(version_dir, graph, device="cpu")
 

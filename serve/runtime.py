@@ -16,10 +16,8 @@ Determinism: sample i of a request with seed s draws its latent (or x_T and the 
 np.random.default_rng(np.random.SeedSequence([s, i])), so n=4 gives the first four images of n=8 and
 a request gives the same images whatever it was batched with. Labels default to i % K.
 
-Sessions: CPU execution provider with intra-op threads = the cores this process may use, inter-op 1,
-every graph optimisation, sequential execution. device="cuda" uses the CUDA execution provider with
-IO binding (inputs and outputs as OrtValues on the GPU) and the fp16 graph file where the manifest
-has one; "auto" uses CUDA when onnxruntime offers it and falls back to the CPU.
+Sessions, devices ("auto", "cpu", "cuda", "cuda:N") and IO binding are serve/session.py's; a diffusion
+model's denoising loop keeps its state on the device there (serve/diffusion.py drives it).
 
 Deadlines are absolute `time.monotonic()` values (gRPC: time.monotonic() + context.time_remaining()).
 """
@@ -27,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import queue
 import secrets
 import threading
@@ -42,100 +39,17 @@ import onnxruntime as ort
 from serve.batcher import DynamicBatcher, Stats
 from serve.diffusion import DiffusionScheduler, Done, GenerationRequest, Progress, row_rng
 from serve.errors import FailedPrecondition, InvalidArgument, NotFound, ServeError, Unavailable
-from serve.manifest import SAMPLERS, GraphInfo, Manifest
+from serve.manifest import GraphInfo, Manifest
 from serve.repository import IndexEntry, ModelVersion, Repository, check_name
+from serve.samplers import SAMPLERS, NoiseSchedule, state_size
+from serve.session import CUDA, DenoisingSession, GraphRunner, available_threads, parse_device
 
-DEVICES = ("auto", "cpu", "cuda")
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 MAX_STEPS = 1000
 MAX_GUIDANCE = 50.0
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 __all__ = ["Runtime", "SampleResult", "EncodeResult", "Progress", "Final", "GraphHandle", "GraphRunner",
            "available_threads"]
-
-
-def available_threads() -> int:
-    """The cores this process may run on (the affinity mask, e.g. a container's cpuset)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def session_options(threads: int | None = None, spin: bool = True) -> ort.SessionOptions:
-    """The server's session options. spin=False: idle worker threads sleep instead of spinning, which gives
-    the cores back to other processes (faster on a shared host, slower on one the server has to itself:
-    BENCHMARKS.md, session options)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or available_threads()
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.inter_op_num_threads = 1  # sequential execution: the graphs are chains, nothing to overlap
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only
-    return options
-
-
-class GraphRunner:
-    """One graph file in one onnxruntime session: `run(feeds) -> {output name: array}`.
-
-    On "cuda" every run binds its inputs and outputs as OrtValues on the device (IO binding) and
-    copies the outputs back once; the fp16 file is used there when the manifest has one (its inputs
-    and outputs stay float32). Raises when the session cannot be created, CUDA was asked for and is
-    not in the session's providers, or the graph's inputs/outputs are not the manifest's.
-    """
-
-    def __init__(self, version_dir: Path, graph: GraphInfo, device: str = "auto", threads: int | None = None,
-                 fp16: bool | None = None, spin: bool = True):
-        if device not in DEVICES:
-            raise ValueError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
-        want_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
-        self.session = None
-        if want_cuda:
-            use_fp16 = graph.fp16_file is not None and fp16 is not False
-            path = Path(version_dir) / (graph.fp16_file if use_fp16 else graph.file)
-            try:
-                session = ort.InferenceSession(str(path), session_options(threads, spin),
-                                               providers=[(CUDA, {"device_id": 0}), CPU])
-            except Exception:
-                if device == "cuda":
-                    raise
-                session = None  # auto: the CPU below
-            providers = session.get_providers() if session is not None else []
-            if CUDA in providers:
-                self.session, self.device, self.file = session, "cuda", path.name
-            elif device == "cuda":
-                raise FailedPrecondition(f"device='cuda': onnxruntime could not use {CUDA} for {path.name} "
-                                         f"(session providers: {providers}); check the CUDA and cuDNN "
-                                         "libraries (onnxruntime.preload_dlls()) or use device='cpu'")
-        if self.session is None:
-            path = Path(version_dir) / graph.file
-            self.session = ort.InferenceSession(str(path), session_options(threads, spin), providers=[CPU])
-            self.device, self.file = "cpu", path.name
-        inputs = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
-        if sorted(inputs) != sorted(t.name for t in graph.inputs) or \
-                sorted(outputs) != sorted(t.name for t in graph.outputs):
-            raise ValueError(f"the graph's inputs {inputs} / outputs {outputs} are not the manifest's")
-        self.graph = graph
-        self.output_names = [t.name for t in graph.outputs]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.device == "cuda":
-            binding = self.session.io_binding()
-            for name, value in feeds.items():
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(
-                    np.ascontiguousarray(value), "cuda", 0))
-            for name in self.output_names:
-                binding.bind_output(name, "cuda", 0)
-            self.session.run_with_iobinding(binding)
-            outs = binding.copy_outputs_to_cpu()
-        else:
-            outs = self.session.run(self.output_names, feeds)
-        return dict(zip(self.output_names, outs))
 
 
 @dataclass
@@ -196,9 +110,8 @@ class Runtime:
     def __init__(self, repo_root: str | Path, device: str = "auto", max_batch_size: int | None = None,
                  max_queue_delay_ms: float | None = None, max_queue_size: int = 1024, threads: int | None = None,
                  max_n: int = 256, fp16: bool | None = None, max_steps: int = MAX_STEPS, spin: bool = True):
-        if device not in DEVICES:
-            raise ValueError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
-        if device == "cuda" and CUDA not in ort.get_available_providers():
+        kind, _ = parse_device(device)
+        if kind == "cuda" and CUDA not in ort.get_available_providers():
             raise FailedPrecondition(f"device='cuda': this onnxruntime has no {CUDA} (it offers "
                                      f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
                                      "or use device='cpu'")
@@ -290,7 +203,7 @@ class Runtime:
                     if z_graph:
                         row["latent_size"] = int(np.prod(_input(m.graphs[z_graph], "z").shape[1:]))
                     if m.family == "diffusion":
-                        row.update(samplers=list(_samplers(m)),
+                        row.update(samplers=list(SAMPLERS),
                                    num_train_timesteps=int(m.diffusion["num_train_timesteps"]))
                 rows.append(row)
         return rows
@@ -392,9 +305,12 @@ class Runtime:
             if s is None:
                 self._check_serving(mv)
                 m = mv.manifest
-                s = DiffusionScheduler(mv.runners["step"].run, image_shape=_image_shape(m),
-                                       num_train_timesteps=m.diffusion["num_train_timesteps"], name=mv.name,
-                                       max_batch_size=self._mbs(mv), max_queue_size=self.max_queue_size)
+                session = DenoisingSession(mv.path, m, state_size(), capacity=self._mbs(mv), device=self.device,
+                                           threads=self.threads, spin=self.spin, fp16=self.fp16)
+                schedule = NoiseSchedule.of(m.diffusion["schedule"], int(m.diffusion["num_train_timesteps"]),
+                                            m.diffusion["prediction"])
+                s = DiffusionScheduler(session, schedule, name=mv.name, max_batch_size=self._mbs(mv),
+                                       max_queue_size=self.max_queue_size)
                 s.stats.version = mv.version
                 self._schedulers[mv] = s
             return s
@@ -554,9 +470,8 @@ class Runtime:
         m = mv.manifest
         n = self._check_n(n)
         seed = _check_seed(seed)
-        samplers = _samplers(m)
-        if sampler not in samplers:
-            raise InvalidArgument(f"sampler: {sampler!r} is not one of {', '.join(samplers)}")
+        if sampler not in SAMPLERS:
+            raise InvalidArgument(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
         T = int(m.diffusion["num_train_timesteps"])
         if not _is_int(steps) or not 1 <= steps <= min(self.max_steps, T):
             raise InvalidArgument(f"steps: must be between 1 and {min(self.max_steps, T)}, got {steps!r}")
@@ -569,7 +484,7 @@ class Runtime:
                                   f"{preview_every!r}")
         labels = _labels(labels, n, m)
         return mv, dict(seed=seed, labels=labels if labels is not None else np.zeros(n, np.int64),
-                        guidance=guidance, eta=eta, sampler=samplers[sampler], steps=int(steps),
+                        guidance=guidance, eta=eta, sampler=SAMPLERS[sampler], steps=int(steps),
                         preview_every=int(preview_every), deadline=deadline)
 
     # --- validation ------------------------------------------------------------------------------
@@ -635,10 +550,6 @@ def _input(info: GraphInfo, name: str):
 
 def _image_shape(m: Manifest) -> tuple[int, int, int]:
     return m.image["channels"], m.image["height"], m.image["width"]
-
-
-def _samplers(m: Manifest) -> dict[str, int]:
-    return dict((m.diffusion or {}).get("samplers") or SAMPLERS)
 
 
 def _check_seed(seed) -> int:
@@ -721,8 +632,8 @@ def _check_domains(feeds: dict[str, np.ndarray], m: Manifest) -> None:
             limits["label"] = (0, 0)
     if m.family == "diffusion":
         T = int(m.diffusion["num_train_timesteps"])
-        limits.update(t=(0, T - 1), t_prev=(-1, T - 1), t_last=(-1, T - 1),
-                      sampler=(min(_samplers(m).values()), max(_samplers(m).values())))
+        # the legacy step graph's inputs, for models exported before the sampler registry
+        limits.update(t=(0, T - 1), t_prev=(-1, T - 1), t_last=(-1, T - 1), sampler=(0, 2))
     for name, (lo, hi) in limits.items():
         if name in feeds and len(feeds[name]):
             v = feeds[name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
@@ -11,8 +12,8 @@ import pytest
 
 from serve.diffusion import DiffusionScheduler, Done, Progress, timestep_pairs
 from serve.errors import DeadlineExceeded, Internal, ResourceExhausted
-from serve.manifest import SAMPLERS
 from serve.runtime import Final, Runtime
+from serve.samplers import SAMPLERS, NoiseSchedule
 
 SHAPE = (1, 32, 32)
 T = 1000
@@ -24,28 +25,38 @@ def repo(tiny_repo):
 
 
 @pytest.fixture(scope="module")
-def step_session(repo):
-    return ort.InferenceSession(str(repo / "tiny-diffusion" / "1" / "step.onnx"), providers=["CPUExecutionProvider"])
+def denoiser(repo):
+    return ort.InferenceSession(str(repo / "tiny-diffusion" / "1" / "denoiser.onnx"),
+                                providers=["CPUExecutionProvider"])
 
 
 def reference(session, seed: int, n: int, steps: int, sampler: str = "ddim", guidance: float = 3.0,
               eta: float = 0.0, labels=None) -> np.ndarray:
-    """The straightforward loop: one request alone, the documented draws, the trailing timesteps."""
+    """The straightforward loop in numpy: one request alone, the documented draws, the trailing timesteps,
+    classifier-free guidance as two denoiser calls, the sampler's plan applied row by row."""
+    s = SAMPLERS[sampler]
+    schedule = NoiseSchedule.of("linear", T, "eps")
+    pairs = timestep_pairs(steps, T)
+    plan = s.plan(schedule, pairs, eta).astype(np.float32)
     rngs = [np.random.default_rng(np.random.SeedSequence([seed, i])) for i in range(n)]
-    x = np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs])
-    x0 = np.zeros_like(x)
+    state = [np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs])]
+    state += [np.zeros_like(state[0]) for _ in s.state[1:]]
     labels = np.arange(n, dtype=np.int64) % 10 if labels is None else np.asarray(labels, np.int64)
-    ts = [round(T * (steps - i) / steps) - 1 for i in range(steps)]
-    full = lambda v, dtype: np.full(n, v, dtype)  # noqa: E731
-    t_last = -1
-    for t, t_prev in zip(ts, ts[1:] + [-1]):
-        noise = np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs])
-        x, x0 = session.run(["x_prev", "x0"], {
-            "x_t": x, "t": full(t, np.int64), "t_prev": full(t_prev, np.int64), "label": labels,
-            "guidance": full(guidance, np.float32), "eta": full(eta, np.float32), "noise": noise,
-            "sampler": full(SAMPLERS[sampler], np.int64), "x0_prev": x0, "t_last": full(t_last, np.int64)})
-        t_last = t
-    return np.clip(x, -1, 1)
+    for k, (t, _) in enumerate(pairs):
+        x = state[0]
+        tt = np.full(n, t, np.int64)
+        cond = session.run(None, {"x_t": x, "t": tt, "label": labels})[0]
+        uncond = session.run(None, {"x_t": x, "t": tt, "label": np.full(n, 10, np.int64)})[0]
+        out = uncond + guidance * (cond - uncond)
+        cx, co = schedule.to_x0(t)
+        x0 = cx * x + co * out
+        if s.clip_x0:
+            x0 = np.clip(x0, -1, 1)
+        noise = np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs]) if s.uses_noise(eta) \
+            else np.zeros_like(x)
+        terms = [*state, x0, noise]
+        state = [sum(plan[k, j, i] * terms[i] for i in range(len(terms))) for j in range(len(s.state))]
+    return np.clip(state[0], -1, 1)
 
 
 async def collect(agen) -> tuple[list[Progress], Final]:
@@ -67,7 +78,7 @@ def test_timestep_pairs_match_the_trainer():
     assert timestep_pairs(4, 10)[1][0] == 7 and timestep_pairs(4, 10)[3][0] == 1  # 7.5 -> 8 - 1; 2.5 -> 2 - 1
 
 
-def test_generate_streams_progress_then_the_result(repo, step_session):
+def test_generate_streams_progress_then_the_result(repo, denoiser):
     with Runtime(repo, device="cpu") as rt:
         progress, final = asyncio.run(collect(rt.generate("tiny-diffusion", 3, seed=4, steps=6, preview_every=2)))
     assert [p.step for p in progress] == [1, 2, 3, 4, 5, 6] and {p.total for p in progress} == {6}
@@ -78,7 +89,7 @@ def test_generate_streams_progress_then_the_result(repo, step_session):
     r = final.result
     assert r.images.shape == (3, *SHAPE) and r.labels.tolist() == [0, 1, 2] and r.seed == 4
     assert (r.model, r.version) == ("tiny-diffusion", 1)
-    assert np.abs(r.images - reference(step_session, 4, 3, 6)).max() <= 1e-4
+    assert np.abs(r.images - reference(denoiser, 4, 3, 6)).max() <= 1e-4
 
 
 def test_sample_i_does_not_depend_on_n(repo):
@@ -89,14 +100,15 @@ def test_sample_i_does_not_depend_on_n(repo):
     assert np.abs(eight.images[4:] - eight.images[:4]).max() > 1e-2
 
 
-REQUESTS = [  # 16 requests: every sampler, step counts 2..17, guidance and eta varying, 1 or 2 images
-    dict(n=1 + i % 2, seed=100 + i, steps=2 + (7 * i) % 16, sampler=("ddpm", "ddim", "dpm++")[i % 3],
-         guidance=float(i % 5), eta=(0.0, 0.5, 1.0)[i % 3], labels=[i % 10])
+NAMES = sorted(SAMPLERS)
+REQUESTS = [  # 16 requests: every sampler, step counts 4..50, guidance 0..3 and eta 0 and 1, 1 or 2 images
+    dict(n=1 + i % 2, seed=100 + i, steps=4 + (13 * i) % 47, sampler=NAMES[i % len(NAMES)],
+         guidance=(0.0, 1.0, 1.5, 3.0)[i % 4], eta=(0.0, 1.0)[(i // 2) % 2], labels=[i % 10])
     for i in range(16)
 ]
 
 
-def test_mixed_requests_share_step_runs_and_match_their_solo_results(repo, step_session):
+def test_mixed_requests_share_step_runs_and_match_their_solo_results(repo, denoiser):
     with Runtime(repo, device="cpu") as rt:
         async def together():
             return await asyncio.gather(*(collect(rt.generate("tiny-diffusion", **r)) for r in REQUESTS))
@@ -107,26 +119,26 @@ def test_mixed_requests_share_step_runs_and_match_their_solo_results(repo, step_
         scheduler = rt.scheduler(rt.repository.resolve("tiny-diffusion"))
         runs = scheduler.executions
         total_steps = sum(r["steps"] for r in REQUESTS)
-        assert runs < total_steps, f"{runs} step-graph runs for {total_steps} request-steps"
+        assert runs < total_steps, f"{runs} denoiser runs for {total_steps} request-steps"
         assert runs <= max(r["steps"] for r in REQUESTS) + 8, "nearly every request joins the first runs"
         assert max(scheduler.statistics().batch_sizes) > 8
         for (progress, final), r in zip(results, REQUESTS):
             assert [p.step for p in progress] == list(range(1, r["steps"] + 1))
             alone = list(rt.sync.generate("tiny-diffusion", **r))[-1].result.images
             assert np.abs(final.result.images - alone).max() <= 1e-4, r
-            expected = reference(step_session, r["seed"], r["n"], r["steps"], r["sampler"], r["guidance"],
+            expected = reference(denoiser, r["seed"], r["n"], r["steps"], r["sampler"], r["guidance"],
                                  r["eta"], r["labels"] * r["n"])
             assert np.abs(final.result.images - expected).max() <= 1e-4, r
     print(f"16 mixed requests: {runs} step runs for {total_steps} steps, {busy_s:.2f} s")
 
 
-def test_requests_larger_than_the_batch(repo, step_session):
+def test_requests_larger_than_the_batch(repo, denoiser):
     with Runtime(repo, device="cpu", max_batch_size=4) as rt:
         events = list(rt.sync.generate("tiny-diffusion", 6, seed=8, steps=3, sampler="dpm++"))
         sched = rt.scheduler(rt.repository.resolve("tiny-diffusion"))
         assert max(sched.statistics().batch_sizes) == 4
     assert [e.step for e in events[:-1]] == [1, 2, 3]
-    assert np.abs(events[-1].result.images - reference(step_session, 8, 6, 3, "dpm++")).max() <= 1e-4
+    assert np.abs(events[-1].result.images - reference(denoiser, 8, 6, 3, "dpm++")).max() <= 1e-4
 
 
 def _drained(sched, timeout: float = 10.0) -> bool:
@@ -138,7 +150,7 @@ def _drained(sched, timeout: float = 10.0) -> bool:
     return True
 
 
-def test_a_closed_stream_leaves_within_one_step(repo, step_session):
+def test_a_closed_stream_leaves_within_one_step(repo, denoiser):
     with Runtime(repo, device="cpu") as rt:
         sched = rt.scheduler(rt.repository.resolve("tiny-diffusion"))
 
@@ -154,7 +166,7 @@ def test_a_closed_stream_leaves_within_one_step(repo, step_session):
             return (await other)[1].result.images, at_close
 
         images, at_close = asyncio.run(main())
-        assert np.abs(images - reference(step_session, 3, 1, 12)).max() <= 1e-4, "a neighbour is unaffected"
+        assert np.abs(images - reference(denoiser, 3, 1, 12)).max() <= 1e-4, "a neighbour is unaffected"
         assert sched.statistics().failures == {"CANCELLED": 1}
 
 
@@ -204,28 +216,39 @@ def test_an_expired_request_stops_with_deadline_exceeded(repo):
 
 # --- the scheduler on a fake step graph ------------------------------------------------------------------------
 
-class FakeStep:
-    """x_prev = x_t / 2 + t_prev, x0 = x_t; fails on label 7; `gate` holds runs back; records labels per run."""
+class FakeSession:
+    """A numpy stand-in for DenoisingSession: x_new = x / 2 + t; fails on label 7; `gate` holds runs back;
+    records the labels of every run. It checks the scheduler's bookkeeping (slots, order, failures) alone."""
 
-    def __init__(self):
+    image_shape = (1, 2, 2)
+    state_size = 1
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self.pool = np.zeros((capacity, 1, *self.image_shape), np.float32)
         self.runs: list[list[int]] = []
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
 
-    def __call__(self, feeds):
+    def admit(self, slots, x_T):
+        self.pool[slots, 0] = x_T
+
+    def step(self, *, slots, t, label, guidance, conv, coef, noise):
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(10)
-        self.runs.append(feeds["label"].tolist())
-        if (feeds["label"] == 7).any():
+        self.runs.append(label.tolist())
+        if (label == 7).any():
             raise RuntimeError("bad row")
-        return {"x_prev": feeds["x_t"] / 2 + feeds["t_prev"][:, None, None, None], "x0": feeds["x_t"]}
+        x = self.pool[slots, 0] / 2 + t[:, None, None, None]
+        self.pool[slots, 0] = x
+        return SimpleNamespace(x=lambda: x.copy(), x0=lambda: x.copy())
 
 
 def submit(sched: DiffusionScheduler, label: int, n: int = 1, steps: int = 3):
     events = []
-    req = sched.submit(seed=label, labels=np.full(n, label), guidance=1.0, eta=0.0, sampler=1, steps=steps,
-                       deliver=events.append)
+    req = sched.submit(seed=label, labels=np.full(n, label), guidance=1.0, eta=0.0, sampler=SAMPLERS["ddim"],
+                       steps=steps, deliver=events.append)
     return req, events
 
 
@@ -238,9 +261,9 @@ def wait_done(events, timeout: float = 5.0):
 
 
 def test_a_failing_step_fails_only_the_requests_in_it():
-    fake = FakeStep()
+    fake = FakeSession()
     fake.gate = threading.Event()
-    sched = DiffusionScheduler(fake, image_shape=(1, 2, 2), num_train_timesteps=10, max_batch_size=2)
+    sched = DiffusionScheduler(fake, NoiseSchedule.of("linear", 10), max_batch_size=2)
     _, first = submit(sched, 1, steps=1)
     assert fake.entered.wait(5)
     _, bad = submit(sched, 7)
@@ -257,10 +280,9 @@ def test_a_failing_step_fails_only_the_requests_in_it():
 
 
 def test_oldest_rows_first_and_the_limit():
-    fake = FakeStep()
+    fake = FakeSession()
     fake.gate = threading.Event()
-    sched = DiffusionScheduler(fake, image_shape=(1, 2, 2), num_train_timesteps=10, max_batch_size=2,
-                               max_queue_size=3)
+    sched = DiffusionScheduler(fake, NoiseSchedule.of("linear", 10), max_batch_size=2, max_queue_size=3)
     _, first = submit(sched, 0, steps=1)
     assert fake.entered.wait(5)
     _, a = submit(sched, 1, n=2, steps=2)
@@ -275,14 +297,14 @@ def test_oldest_rows_first_and_the_limit():
 
 
 def test_results_follow_the_step_rule():
-    """With the fake step, x after the loop is a function of x_T and the t_prev sequence alone."""
-    fake = FakeStep()
-    sched = DiffusionScheduler(fake, image_shape=(1, 2, 2), num_train_timesteps=10, max_batch_size=8)
+    """With the fake session, x after the loop is a function of x_T and the t sequence alone."""
+    fake = FakeSession()
+    sched = DiffusionScheduler(fake, NoiseSchedule.of("linear", 10), max_batch_size=8)
     _, events = submit(sched, 4, n=2, steps=3)
     done = wait_done(events)
     rng0 = np.random.default_rng(np.random.SeedSequence([4, 0]))
     x = rng0.standard_normal((1, 2, 2), dtype=np.float32)
-    for _, t_prev in timestep_pairs(3, 10):
-        x = x / 2 + t_prev
+    for t, _ in timestep_pairs(3, 10):
+        x = x / 2 + t
     assert np.allclose(done.images[0], np.clip(x, -1, 1))
     sched.close()
