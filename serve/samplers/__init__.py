@@ -13,6 +13,7 @@ from serve.samplers.ddim import DDIM  # noqa: F401 - the registry: one import pe
 from serve.samplers.ddpm import DDPM  # noqa: F401
 from serve.samplers.dpm_solver import DPMSolver  # noqa: F401
 from serve.samplers.schedule import NoiseSchedule
+from serve.samplers.unipc import UniPC  # noqa: F401
 
 SAMPLERS: dict[str, type[Sampler]] = {s.name: s for s in Sampler.__subclasses__()}
 
