@@ -3,7 +3,10 @@ shipped mnist-diffusion denoiser: the served images equal diffusers' loop within
 
 Where this project's choice is a diffusers option, the option is set (x0 clipped to [-1, 1]: clip_sample for
 DDPM/DDIM, thresholding with sample_max_value=1 for DPM-Solver++ and UniPC, which is the same clip; trailing
-timesteps; a final step to sigma 0). Euler ancestral has no clipping in diffusers and none here.
+timesteps; a final step to sigma 0). Euler ancestral has no clipping in diffusers and none here; diffusers runs it
+on the variance-exploding sample S = x / alpha in float32, whose unclipped x0 at t = 999 amplifies rounding by
+1 / alpha ~ 160: its loop lands 1.2e-4 from ours at 10 steps. So Euler ancestral is held to 1e-4 against a float64
+loop written from the paper (k-diffusion's form, below) and to 2e-4 against diffusers.
 """
 from __future__ import annotations
 
@@ -67,24 +70,51 @@ def diffusers_loop(session, name: str, steps: int, seed: int, eta: float, monkey
     stochastic = SAMPLERS[name].uses_noise(eta)
 
     def draw(*args, **kwargs):
-        return torch.from_numpy(np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs]))
+        return torch.from_numpy(np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs])).double()
 
     module = type(sched).__module__
     monkeypatch.setattr(f"{module}.randn_tensor", draw, raising=False)
     labels = np.array(LABELS, np.int64)
-    sample = torch.from_numpy(x_T) * sched.init_noise_sigma
+    sample = torch.from_numpy(x_T).double() * sched.init_noise_sigma  # float64 samples (its own tables stay float32)
     for t in sched.timesteps:
         x = sched.scale_model_input(sample, t).numpy().astype(np.float32)
         tt = np.full(len(labels), int(round(float(t))), np.int64)
-        cond = session.run(None, {"x_t": x, "t": tt, "label": labels})[0]
-        uncond = session.run(None, {"x_t": x, "t": tt, "label": np.full_like(labels, 10)})[0]
-        eps = torch.from_numpy(uncond + GUIDANCE * (cond - uncond))
+        # one doubled batch, as the server runs it (float32 kernels can differ in the last bits by batch size)
+        out = session.run(None, {"x_t": np.concatenate([x, x]), "t": np.concatenate([tt, tt]),
+                                 "label": np.concatenate([labels, np.full_like(labels, 10)])})[0]
+        cond, uncond = out[:len(x)], out[len(x):]
+        eps = torch.from_numpy(uncond + GUIDANCE * (cond - uncond)).double()
         if name == "ddim":
             noise = draw() if stochastic else None
-            sample = sched.step(eps, t, sample, eta=eta, use_clipped_model_output=True, variance_noise=noise).prev_sample
+            sample = sched.step(eps, t, sample, eta=eta, use_clipped_model_output=True,
+                                variance_noise=noise).prev_sample
         else:
             sample = sched.step(eps, t, sample).prev_sample
     return np.clip(sample.numpy(), -1, 1)
+
+
+def paper_euler_ancestral(session, steps: int, seed: int) -> np.ndarray:
+    """Karras et al. (2022) Euler step plus ancestral noise on S = x / alpha, in float64 (k-diffusion's loop)."""
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    sigmas = np.sqrt((1 - abar) / abar)
+    ts = [round(1000 * (steps - i) / steps) - 1 for i in range(steps)]
+    rngs = [np.random.default_rng(np.random.SeedSequence([seed, i])) for i in range(len(LABELS))]
+    S = np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs]).astype(np.float64)
+    S *= np.sqrt(1 + sigmas[ts[0]] ** 2)
+    labels = np.array(LABELS, np.int64)
+    for i, t in enumerate(ts):
+        sigma, sigma_to = sigmas[t], (sigmas[ts[i + 1]] if i + 1 < steps else 0.0)
+        x = (S / np.sqrt(1 + sigma**2)).astype(np.float32)
+        tt = np.full(len(labels), t, np.int64)
+        out = session.run(None, {"x_t": np.concatenate([x, x]), "t": np.concatenate([tt, tt]),
+                                 "label": np.concatenate([labels, np.full_like(labels, 10)])})[0].astype(np.float64)
+        eps = out[len(x):] + GUIDANCE * (out[:len(x)] - out[len(x):])
+        x0 = S - sigma * eps
+        sigma_up = np.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
+        sigma_down = np.sqrt(sigma_to**2 - sigma_up**2)
+        noise = np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs])
+        S = S + (S - x0) / sigma * (sigma_down - sigma) + sigma_up * noise
+    return np.clip(S, -1, 1)
 
 
 CASES = [(name, steps, eta) for name in sorted(SAMPLERS) for steps in (10, 50)
@@ -98,5 +128,11 @@ def test_sampler_matches_diffusers(name, steps, eta, denoiser, runtime, monkeypa
     events = list(runtime.sync.generate(MODEL, len(LABELS), seed=seed, labels=LABELS, guidance=GUIDANCE,
                                         sampler=name, steps=steps, eta=eta))
     got = events[-1].result.images
-    assert np.abs(got - expected).max() <= 1e-4, f"{name} {steps} steps: max diff {np.abs(got - expected).max()}"
+    tolerance = 1e-4
+    if name == "euler_a":  # see the module docstring
+        paper = paper_euler_ancestral(denoiser, steps, seed)
+        assert np.abs(got - paper).max() <= 1e-4, f"euler_a vs the paper's loop: {np.abs(got - paper).max()}"
+        tolerance = 2e-4
+    diff = np.abs(got - expected).max()
+    assert diff <= tolerance, f"{name} {steps} steps: max diff {diff} from diffusers"
     assert np.abs(got).max() > 0.5, "not a blank image"
