@@ -12,6 +12,7 @@ from serve.samplers.base import Pairs, Sampler
 from serve.samplers.ddim import DDIM  # noqa: F401 - the registry: one import per sampler
 from serve.samplers.ddpm import DDPM  # noqa: F401
 from serve.samplers.dpm_solver import DPMSolver  # noqa: F401
+from serve.samplers.euler_a import EulerAncestral  # noqa: F401
 from serve.samplers.schedule import NoiseSchedule
 from serve.samplers.unipc import UniPC  # noqa: F401
 
