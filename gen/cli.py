@@ -6,6 +6,10 @@ import sys
 
 import click
 
+from serve.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+
+SAMPLER_NAMES = tuple(SAMPLERS)
+
 
 class UserError(click.ClickException):
     """One line on stderr, exit status 2, no traceback."""
@@ -194,13 +198,15 @@ def models_cmd(repo, verify):
 @click.option("--repo", default="exported", show_default=True, help="The model repository folder.")
 @click.option("-n", "n", type=int, default=1000, show_default=True, help="Samples per generator.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples.")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm++"]), default="ddim", show_default=True,
+@click.option("--sampler", type=click.Choice(list(SAMPLER_NAMES)), default=DEFAULT_SAMPLER, show_default=True,
               help="Diffusion sampler.")
-@click.option("--steps", type=int, default=50, show_default=True, help="Diffusion steps.")
+@click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True, help="Diffusion steps.")
 @click.option("--guidance", type=float, help="Diffusion guidance scale. [default: the model's]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the reports as JSON.")
 @click.option("--check", is_flag=True, help="Exit 1 when a metric misses the project's quality bar.")
-def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check):
+@click.option("--sweep", "sweep_steps", help="Diffusion: score every sampler at these step counts (e.g. 5,10,20,50) "
+              "instead of one setting; with --json, settings already in the file are kept (a rerun resumes).")
+def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, sweep_steps):
     """Score MODELS (default: every model in --repo) through the serving runtime.
 
     Generators: Frechet distance in the feature space of a classifier trained on the training split,
@@ -223,6 +229,8 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check):
     if not names:
         raise UserError(f"--repo {repo}: no healthy models to evaluate")
     config = EvalConfig(n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance)
+    if sweep_steps:
+        return _sweep(root, names, config, sweep_steps, json_path)
     reports = []
     for name in names:
         try:
@@ -241,6 +249,45 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check):
     if check and not all(r.passed for r in reports):
         failed = [r.model for r in reports if not r.passed]
         raise UserError(f"below the quality bar: {', '.join(failed)}", code=1)
+
+
+def _sweep(root, names: list[str], config, sweep_steps: str, json_path: str | None) -> None:
+    """gen eval --sweep: every sampler at every step count, one row each; resumable through --json."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from trainer.evaluate import EvalError, evaluate
+    from trainer.loop import atomic_write
+
+    try:
+        counts = [int(v) for v in sweep_steps.split(",")]
+    except ValueError:
+        raise UserError(f"--sweep {sweep_steps}: expected step counts separated by commas, e.g. 5,10,20,50") from None
+    path = Path(json_path) if json_path else None
+    rows = json.loads(path.read_text()) if path and path.is_file() else []
+    for name in names:
+        for sampler in SAMPLER_NAMES:
+            for steps in counts:
+                key = dict(model=name, sampler=sampler, steps=steps, n=config.n, seed=config.seed)
+                if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
+                    continue
+                cfg = dataclasses.replace(config, sampler=sampler, steps=steps)
+                try:
+                    report = evaluate(root, name, config=cfg, log=lambda msg: click.echo(f"  {msg}", err=True))
+                except EvalError as e:
+                    raise UserError(str(e)) from None
+                if report.family != "diffusion":
+                    raise UserError(f"--sweep: {name} is a {report.family} model; the sweep is for diffusion models")
+                metrics = {m.name: m.value for m in report.metrics}
+                rows.append({**key, "class_accuracy": metrics.get("class accuracy"),
+                             "frechet_ratio": metrics["frechet / baseline"],
+                             "seconds_per_image": report.details["seconds_per_sample"]})
+                click.echo("{model} {sampler:8} {steps:3} steps: accuracy {class_accuracy}, Frechet/baseline "
+                           "{frechet_ratio:.3f}, {seconds_per_image:.4f} s/image".format(**rows[-1]))
+                if path:
+                    text = json.dumps(rows, indent=2) + "\n"
+                    atomic_write(path, lambda f, text=text: f.write(text.encode()))
 
 
 @cli.command("serve")
@@ -419,8 +466,9 @@ def translate_cmd(server, model, version, timeout, output, images, direction, **
 @click.option("--seed", type=int, help="Seed; image i depends only on (seed, i).")
 @click.option("--labels", help="Class indices, one for all or one per image.")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale. [default: the model's]")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm++"]), default="ddim", show_default=True)
-@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--sampler", type=click.Choice(list(SAMPLER_NAMES)),
+              help=f"Diffusion sampler. [default: the server's, {DEFAULT_SAMPLER}]")
+@click.option("--steps", type=int, help=f"Diffusion steps. [default: the server's, {DEFAULT_STEPS}]")
 @click.option("--eta", type=float, help="DDIM eta (0 deterministic, 1 DDPM-like).")
 def generate_cmd(server, model, version, timeout, output, n, seed, labels, guidance, sampler, steps, eta, **security):
     """Run a diffusion model with streamed progress and write the images as a PNG grid."""
@@ -433,11 +481,12 @@ def generate_cmd(server, model, version, timeout, output, n, seed, labels, guida
             if isinstance(event, Images):
                 result = event
             else:
+                total = event.total
                 click.echo(f"\rstep {event.step}/{event.total}", nl=False, err=True)
     click.echo("", err=True)
     save_grid(result.pixels, output)
     click.echo(f"wrote {output}: {len(result.pixels)} images from {result.model} v{result.version}, "
-               f"{sampler} {steps} steps, seed {result.seed}")
+               f"{sampler or DEFAULT_SAMPLER} {total} steps, seed {result.seed}")
 
 
 @cli.command("encode")

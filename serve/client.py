@@ -126,7 +126,8 @@ class GenClient:
         return _images_from(self._call(self.stub.Decode, req))
 
     def generate(self, model: str, n: int = 4, seed: int | None = None, labels: Iterable[int] = (),
-                 guidance: float | None = None, sampler: str = "ddim", steps: int = 50, eta: float | None = None,
+                 guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
+                 eta: float | None = None,
                  preview_every: int = 0, version: int = 0) -> Iterator[ProgressEvent | Images]:
         """Streams ProgressEvent per step, then the final Images. Closing the iterator cancels the request."""
         req = pb.GenerateRequest(model=model, version=version, n=n, seed=seed, labels=list(labels),

@@ -101,7 +101,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         fmt = _format(request)
         events = self.runtime.generate(
             request.model, request.n, seed=_optional(request, "seed"), labels=list(request.labels) or None,
-            guidance=_optional(request, "guidance"), sampler=request.sampler or "ddim", steps=request.steps or 50,
+            guidance=_optional(request, "guidance"), sampler=request.sampler or None, steps=request.steps or None,
             eta=_optional(request, "eta"), preview_every=request.preview_every, version=_version(request),
             deadline=deadline_of(context))
         async for event in events:

@@ -41,7 +41,7 @@ from serve.diffusion import DiffusionScheduler, Done, GenerationRequest, Progres
 from serve.errors import FailedPrecondition, InvalidArgument, NotFound, ServeError, Unavailable
 from serve.manifest import GraphInfo, Manifest
 from serve.repository import IndexEntry, ModelVersion, Repository, check_name
-from serve.samplers import SAMPLERS, NoiseSchedule, state_size
+from serve.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, NoiseSchedule, state_size
 from serve.session import CUDA, DenoisingSession, GraphRunner, available_threads, parse_device
 
 MAX_STEPS = 1000
@@ -417,7 +417,7 @@ class Runtime:
         return SampleResult(out["image"], _or_none(labels), None, mv.name, mv.version)
 
     async def generate(self, model: str, n: int, seed: int | None = None, labels: Sequence[int] | None = None,
-                       guidance: float | None = None, sampler: str = "ddim", steps: int = 50,
+                       guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
                        eta: float | None = 0.0, preview_every: int = 0, version: int | None = None,
                        deadline: float | None = None) -> AsyncIterator[Progress | Final]:
         """Diffusion sampling: yields Progress(step, total, preview) after every step, then Final(result).
@@ -462,7 +462,8 @@ class Runtime:
         return await self.batcher(mv, graph).run(feeds, deadline)
 
     def _generation(self, model: str, n: int, seed: int | None = None, labels: Sequence[int] | None = None,
-                    guidance: float | None = None, sampler: str = "ddim", steps: int = 50, eta: float | None = 0.0,
+                    guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
+                    eta: float | None = 0.0,
                     preview_every: int = 0, version: int | None = None,
                     deadline: float | None = None) -> tuple[ModelVersion, dict]:
         """Validate a generate request: (the model version, the scheduler's submit arguments)."""
@@ -470,6 +471,8 @@ class Runtime:
         m = mv.manifest
         n = self._check_n(n)
         seed = _check_seed(seed)
+        sampler = DEFAULT_SAMPLER if sampler is None else sampler
+        steps = DEFAULT_STEPS if steps is None else steps
         if sampler not in SAMPLERS:
             raise InvalidArgument(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
         T = int(m.diffusion["num_train_timesteps"])

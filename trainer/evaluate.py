@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,8 +233,6 @@ def _map(rt_call, images: np.ndarray, size: int) -> np.ndarray:
 def evaluate(repo: str | Path, model: str, version: int | None = None, config: EvalConfig | None = None,
              log=print) -> Report:
     """Score one model of the repository; see the module docstring."""
-    import time
-
     from serve.errors import ServeError
     from serve.runtime import Runtime
 
@@ -289,7 +288,9 @@ def _generator(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -
     labels = (np.arange(cfg.n) % len(m.classes)).astype(np.int64) if conditional else None
     log(f"{m.name}: drawing {cfg.n} samples through the runtime"
         + (f" ({cfg.sampler}, {cfg.steps} steps)" if m.family == "diffusion" else ""))
+    t_sample = time.perf_counter()
     samples = _sample(rt, m.name, m.family, cfg.n, labels, cfg)
+    report.details["seconds_per_sample"] = round((time.perf_counter() - t_sample) / cfg.n, 5)
     feats, pred = net.predict(samples)
     fd = frechet_distance(feats[rng.choice(len(feats), n_fd, replace=False)], test_feats)
     report.add("frechet distance", fd, at_most=3 * baseline if m.family == "diffusion" else None)

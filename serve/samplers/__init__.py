@@ -17,8 +17,11 @@ from serve.samplers.schedule import NoiseSchedule
 from serve.samplers.unipc import UniPC  # noqa: F401
 
 SAMPLERS: dict[str, type[Sampler]] = {s.name: s for s in Sampler.__subclasses__()}
+# What Generate uses when a request names no sampler or step count (README, "Samplers": chosen by measurement)
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_STEPS = 50
 
-__all__ = ["SAMPLERS", "Sampler", "NoiseSchedule", "state_size", "padded_plan"]
+__all__ = ["SAMPLERS", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "Sampler", "NoiseSchedule", "state_size", "padded_plan"]
 
 
 def state_size() -> int:
