@@ -58,7 +58,7 @@ def _save_run(model, run_dir: Path) -> None:
     from trainer.presets import preset_config
 
     config = preset_config(model.preset, dict(model.options), seed=model.seed, run_dir=str(run_dir), device="cpu")
-    dataset = load_dataset(config.data, get_family(config.family).data_kind, config.image_size, config.channels,
+    dataset = load_dataset(config.data, get_family(config.family).spec().data_kind, config.image_size, config.channels,
                            config.direction)
     torch.manual_seed(config.seed)
     family = build_family(config, dataset, torch.device("cpu"))

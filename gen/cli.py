@@ -63,7 +63,7 @@ class TrainCommand(click.Command):
             for f in dataclasses.fields(cls.Config):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 rows.append((f"{f.name}={json.dumps(default)}", str(f.type)))
-            with formatter.section(f"--set options of {name} (trains on {cls.data_kind} data)"):
+            with formatter.section(f"--set options of {name} (trains on {cls.spec().data_kind} data)"):
                 formatter.write_dl(rows)
         with formatter.section("Data layouts (--data)"):
             formatter.write_text(

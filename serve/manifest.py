@@ -16,14 +16,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve.families import DENOISE, FAMILIES
+
 FORMAT = "gen.manifest/1"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 DTYPES = ("float32", "float16", "int64")
-TASKS = {"vae": "sample", "gan": "sample", "pix2pix": "translate", "cyclegan": "translate", "diffusion": "denoise"}
-# graphs each family must ship
-FAMILY_GRAPHS = {"vae": {"encoder", "decoder"}, "gan": {"generator"}, "pix2pix": {"generator"},
-                 "cyclegan": {"generator_ab", "generator_ba"}, "diffusion": {"step", "denoiser"}}
-SAMPLERS = {"ddpm": 0, "ddim": 1, "dpm++": 2}  # the `sampler` input of the diffusion step graph
+TASKS = {name: spec.task for name, spec in FAMILIES.items()}
 
 
 class ManifestError(ValueError):
@@ -120,9 +118,9 @@ def parse_manifest(d: dict) -> Manifest:
         raise ManifestError(f"task: {family} models have task {TASKS[family]!r}, not {task!r}")
     opset = _get(d, "opset", int, "manifest")
     graphs_raw = _get(d, "graphs", dict, "manifest")
-    if set(graphs_raw) != FAMILY_GRAPHS[family]:
-        raise ManifestError(f"graphs: {family} needs exactly {sorted(FAMILY_GRAPHS[family])}, "
-                            f"got {sorted(graphs_raw)}")
+    spec = FAMILIES[family]
+    if not spec.graphs <= set(graphs_raw) <= spec.graphs | spec.legacy_graphs:
+        raise ManifestError(f"graphs: {family} needs exactly {sorted(spec.graphs)}, got {sorted(graphs_raw)}")
     graphs = {}
     for gname, g in graphs_raw.items():
         where = f"graphs.{gname}"
@@ -162,7 +160,7 @@ def parse_manifest(d: dict) -> Manifest:
         raise ManifestError("serving.max_batch_size: must be >= 1")
     provenance = _get(d, "provenance", dict, "manifest")
     diffusion = d.get("diffusion")
-    if family == "diffusion":
+    if FAMILIES[family].task == DENOISE:
         diffusion = _get(d, "diffusion", dict, "manifest")
         _get(diffusion, "num_train_timesteps", int, "diffusion")
         _get(diffusion, "prediction", str, "diffusion")

@@ -28,7 +28,7 @@ import math
 import queue
 import secrets
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -39,6 +39,7 @@ import onnxruntime as ort
 from serve.batcher import DynamicBatcher, Stats
 from serve.diffusion import DiffusionScheduler, Done, GenerationRequest, Progress, row_rng
 from serve.errors import FailedPrecondition, InvalidArgument, NotFound, ServeError, Unavailable
+from serve.families import DENOISE, FAMILIES, FamilySpec
 from serve.manifest import GraphInfo, Manifest
 from serve.repository import IndexEntry, ModelVersion, Repository, check_name
 from serve.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, NoiseSchedule, state_size
@@ -102,6 +103,14 @@ class GraphHandle:
 
 
 NO_LABELS = np.zeros(0, np.int64)
+# which families each task method works on, read from their specs (serve/families.py)
+CAN: dict[str, Callable[[FamilySpec], bool]] = {
+    "sample": lambda f: f.generator is not None,
+    "encode": lambda f: f.encoder is not None,
+    "decode": lambda f: f.encoder is not None,  # the generator of a family that also encodes
+    "translate": lambda f: bool(f.directions),
+    "generate": lambda f: f.denoiser is not None,
+}
 
 
 class Runtime:
@@ -199,10 +208,10 @@ class Runtime:
                 if m is not None:
                     row.update(family=m.family, task=m.task, classes=list(m.classes), channels=m.image["channels"],
                                height=m.image["height"], width=m.image["width"], graphs=sorted(m.graphs))
-                    z_graph = {"vae": "decoder", "gan": "generator"}.get(m.family)
-                    if z_graph:
-                        row["latent_size"] = int(np.prod(_input(m.graphs[z_graph], "z").shape[1:]))
-                    if m.family == "diffusion":
+                    spec = FAMILIES[m.family]
+                    if spec.generator:
+                        row["latent_size"] = int(np.prod(_input(m.graphs[spec.generator], "z").shape[1:]))
+                    if spec.task == DENOISE:
                         row.update(samplers=list(SAMPLERS),
                                    num_train_timesteps=int(m.diffusion["num_train_timesteps"]))
                 rows.append(row)
@@ -351,22 +360,25 @@ class Runtime:
             return self.max_queue_delay_ms
         return float(mv.manifest.serving.get("max_queue_delay_ms", 2.0))
 
-    def _resolve(self, model: str, version: int | None, families: Sequence[str], task: str) -> ModelVersion:
+    def _resolve(self, model: str, version: int | None, method: str) -> tuple[ModelVersion, FamilySpec]:
+        """The version a request gets and its family's spec; FailedPrecondition when the family cannot `method`."""
         mv = self.repository.resolve(model, version)
-        if mv.manifest.family not in families:
-            raise FailedPrecondition(f"model: {model!r} is a {mv.manifest.family} model; {task} works on "
-                                     f"{' and '.join(families)} models")
-        return mv
+        spec = FAMILIES[mv.manifest.family]
+        if not CAN[method](spec):
+            able = [f.name for f in FAMILIES.values() if CAN[method](f)]
+            raise FailedPrecondition(f"model: {model!r} is a {spec.name} model; {method} works on "
+                                     f"{' and '.join(able)} models")
+        return mv, spec
 
     # --- tasks -----------------------------------------------------------------------------------
 
     async def sample(self, model: str, n: int, seed: int | None = None, labels: Sequence[int] | None = None,
                      version: int | None = None, deadline: float | None = None) -> SampleResult:
         """n images from a vae (its decoder) or gan (its generator), latents drawn from (seed, i)."""
-        mv = self._resolve(model, version, ("vae", "gan"), "sample")
+        mv, spec = self._resolve(model, version, "sample")
         n = self._check_n(n)
         seed = _check_seed(seed)
-        graph = "decoder" if mv.manifest.family == "vae" else "generator"
+        graph = spec.generator
         info = mv.manifest.graphs[graph]
         labels = _labels(labels, n, mv.manifest)
         z_shape = tuple(_input(info, "z").shape[1:])
@@ -377,16 +389,13 @@ class Runtime:
     async def translate(self, model: str, images: np.ndarray, direction: str = "AtoB",
                         version: int | None = None, deadline: float | None = None) -> SampleResult:
         """pix2pix: its generator (AtoB only); cyclegan: AtoB = generator_ab, BtoA = generator_ba."""
-        mv = self._resolve(model, version, ("pix2pix", "cyclegan"), "translate")
+        mv, spec = self._resolve(model, version, "translate")
         if direction not in ("AtoB", "BtoA"):
             raise InvalidArgument(f"direction: expected 'AtoB' or 'BtoA', got {direction!r}")
-        if mv.manifest.family == "pix2pix":
-            if direction != "AtoB":
-                raise InvalidArgument(f"direction: {model!r} is a pix2pix model, which translates one way "
-                                      "(AtoB); train it with --direction BtoA for the other")
-            graph = "generator"
-        else:
-            graph = "generator_ab" if direction == "AtoB" else "generator_ba"
+        graph = spec.directions.get(direction)
+        if graph is None:
+            raise InvalidArgument(f"direction: {model!r} is a {spec.name} model, which translates one way "
+                                  f"({', '.join(spec.directions)}); train it with --direction {direction} for that")
         source = self._images(images, mv.manifest)
         out = await self.batcher(mv, graph).run({"source": source}, deadline)
         return SampleResult(out["image"], NO_LABELS, None, mv.name, mv.version)
@@ -398,22 +407,22 @@ class Runtime:
         A conditional vae encodes an image given its class: pass the images' labels (one per image or
         one for all); like every task, labels default to i % K.
         """
-        mv = self._resolve(model, version, ("vae",), "encode")
+        mv, spec = self._resolve(model, version, "encode")
         images = self._images(images, mv.manifest)
-        info = mv.manifest.graphs["encoder"]
+        info = mv.manifest.graphs[spec.encoder]
         labels = _labels(labels, len(images), mv.manifest)
-        out = await self.batcher(mv, "encoder").run(_with_label({"image": images}, info, labels, len(images)),
+        out = await self.batcher(mv, spec.encoder).run(_with_label({"image": images}, info, labels, len(images)),
                                                     deadline)
         return EncodeResult(out["mean"], out["logvar"], _or_none(labels), mv.name, mv.version)
 
     async def decode(self, model: str, z: np.ndarray, labels: Sequence[int] | None = None,
                      version: int | None = None, deadline: float | None = None) -> SampleResult:
         """A vae's decoder on given latents [n, latent]; labels default to i % K on a conditional vae."""
-        mv = self._resolve(model, version, ("vae",), "decode")
-        info = mv.manifest.graphs["decoder"]
+        mv, spec = self._resolve(model, version, "decode")
+        info = mv.manifest.graphs[spec.generator]
         z = self._tensor("z", z, _input(info, "z"))
         labels = _labels(labels, len(z), mv.manifest)
-        out = await self.batcher(mv, "decoder").run(_with_label({"z": z}, info, labels, len(z)), deadline)
+        out = await self.batcher(mv, spec.generator).run(_with_label({"z": z}, info, labels, len(z)), deadline)
         return SampleResult(out["image"], _or_none(labels), None, mv.name, mv.version)
 
     async def generate(self, model: str, n: int, seed: int | None = None, labels: Sequence[int] | None = None,
@@ -467,7 +476,7 @@ class Runtime:
                     preview_every: int = 0, version: int | None = None,
                     deadline: float | None = None) -> tuple[ModelVersion, dict]:
         """Validate a generate request: (the model version, the scheduler's submit arguments)."""
-        mv = self._resolve(model, version, ("diffusion",), "generate")
+        mv, _ = self._resolve(model, version, "generate")
         m = mv.manifest
         n = self._check_n(n)
         seed = _check_seed(seed)
@@ -630,10 +639,11 @@ def _check_domains(feeds: dict[str, np.ndarray], m: Manifest) -> None:
     limits = {}
     if "label" in feeds:
         # the diffusion graphs also take the null class K; an unconditional step graph ignores its label
-        limits["label"] = (0, k) if m.family == "diffusion" else (0, k - 1)
-        if m.family == "diffusion" and not k:
+        denoise = FAMILIES[m.family].task == DENOISE
+        limits["label"] = (0, k) if denoise else (0, k - 1)
+        if denoise and not k:
             limits["label"] = (0, 0)
-    if m.family == "diffusion":
+    if FAMILIES[m.family].task == DENOISE:
         T = int(m.diffusion["num_train_timesteps"])
         # the legacy step graph's inputs, for models exported before the sampler registry
         limits.update(t=(0, T - 1), t_prev=(-1, T - 1), t_last=(-1, T - 1), sampler=(0, 2))

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve.manifest import FORMAT, NAME_RE, SAMPLERS, TASKS, file_sha256, parse_manifest
+from serve.families import DENOISE
+from serve.manifest import FORMAT, NAME_RE, file_sha256, parse_manifest
 from trainer.loop import atomic_write, load_run
 from trainer.models import ConfigError, ExportGraph, Family, TensorSpec
 
@@ -87,33 +88,40 @@ def parity(graph: ExportGraph, path: Path, fp16: bool = False) -> dict[str, floa
     return result
 
 
-def ddim_loop_parity(family: Family, step_path: Path, steps: int = 50, batch: int = 4) -> float:
-    """A 50-step DDIM run through the ONNX step graph vs the same loop in PyTorch: final max abs diff."""
-    from trainer.models.diffusion import run_sampler, timestep_pairs
+def served_loop_parity(family: Family, version_dir: Path, manifest: dict, steps: int = 50, batch: int = 4) -> float:
+    """A 50-step DDIM run through the server's own loop (serve.diffusion over the exported denoiser, the
+    iteration graph assembled as at load time) vs trainer.models.diffusion.run_sampler: final max abs diff."""
+    import queue
 
-    graph = family.export_graphs()["step"]
+    from serve.diffusion import DiffusionScheduler, Done, row_rng
+    from serve.samplers import SAMPLERS, NoiseSchedule, state_size
+    from serve.session import DenoisingSession
+    from trainer.models.diffusion import run_sampler
+
+    m = parse_manifest(manifest)
+    d = m.diffusion
+    schedule = NoiseSchedule.of(d["schedule"], d["num_train_timesteps"], d["prediction"])
+    session = DenoisingSession(version_dir, m, state_size(), capacity=batch, device="cpu")
+    loop = DiffusionScheduler(session, schedule, name=m.name, max_batch_size=batch)
     k = family.info.num_classes
-    labels = torch.arange(batch) % max(k, 1)
-    x_T = torch.randn((batch, family.info.channels, family.info.size, family.info.size),
-                      generator=torch.Generator().manual_seed(7))
+    labels = np.arange(batch) % max(k, 1)
     guidance = 3.0 if k else 1.0
+    events: queue.Queue = queue.Queue()
+    loop.submit(seed=7, labels=labels, guidance=guidance, eta=0.0, sampler=SAMPLERS["ddim"], steps=steps,
+                deliver=events.put)
+    try:
+        while not isinstance(event := events.get(timeout=600), (Done, Exception)):
+            pass
+    finally:
+        loop.close()
+    if isinstance(event, Exception):
+        raise ExportError(f"the served loop failed on the exported denoiser: {event}")
+    shape = (m.image["channels"], m.image["height"], m.image["width"])
+    x_T = np.stack([row_rng(7, i).standard_normal(shape, dtype=np.float32) for i in range(batch)])
     with torch.no_grad():
-        expected = run_sampler(graph.module, x_T, labels, "ddim", steps, guidance, 0.0,
-                               torch.Generator().manual_seed(8))
-
-    session = _session(step_path)
-    x = x_T.numpy().copy()
-    x0_prev = np.zeros_like(x)
-    t_last = np.full(batch, -1, np.int64)
-    noise = np.zeros_like(x)  # DDIM with eta 0 adds none
-    full = lambda v, dt: np.full(batch, v, dt)  # noqa: E731
-    for t, t_prev in timestep_pairs(steps, family.config.num_train_timesteps):
-        feeds = {"x_t": x, "t": full(t, np.int64), "t_prev": full(t_prev, np.int64), "label": labels.numpy(),
-                 "guidance": full(guidance, np.float32), "eta": full(0.0, np.float32), "noise": noise,
-                 "sampler": full(SAMPLERS["ddim"], np.int64), "x0_prev": x0_prev, "t_last": t_last}
-        x, x0_prev = session.run(["x_prev", "x0"], {n: feeds[n] for n in graph.inputs})
-        t_last = full(t, np.int64)
-    return float(np.abs(x - expected.numpy()).max())
+        expected = run_sampler(family.ema, schedule, torch.from_numpy(x_T), torch.from_numpy(labels), "ddim",
+                               steps, guidance, 0.0, None).clamp(-1, 1)
+    return float(np.abs(event.images - expected.numpy()).max())
 
 
 def _fp16_variant(src: Path, dst: Path) -> None:
@@ -185,11 +193,12 @@ def export_model(run_dir: str | Path, name: str, repo: str | Path = "exported", 
                 entry["fp16"] = {"file": half.name, "sha256": file_sha256(half), "bytes": half.stat().st_size,
                                  "parity": {**result16, "tolerance": FP16_TOLERANCE}}
             graphs_json[gname] = entry
-        if family.name == "diffusion":
-            err = ddim_loop_parity(family, tmp / "step.onnx")
-            log(f"  50-step DDIM loop through the step graph vs PyTorch: max abs diff {err:.2e}")
+        if family.spec().task == DENOISE:
+            draft = _manifest(family, dataset, record, name, version, opset, graphs_json, {}, max_batch_size)
+            err = served_loop_parity(family, tmp, draft)
+            log(f"  50-step DDIM loop through the served loop vs PyTorch: max abs diff {err:.2e}")
             if err > DDIM_TOLERANCE:
-                raise ExportError(f"50-step DDIM loop: ONNX differs from PyTorch by {err:.3g} "
+                raise ExportError(f"50-step DDIM loop: the served loop differs from PyTorch by {err:.3g} "
                                   f"(tolerance {DDIM_TOLERANCE}); nothing was written")
             model_parity["ddim_50_steps"] = {"max_abs": err, "tolerance": DDIM_TOLERANCE}
         manifest = _manifest(family, dataset, record, name, version, opset, graphs_json, model_parity,
@@ -219,7 +228,7 @@ def _manifest(family: Family, dataset, record: dict, name: str, version: int, op
         "name": name,
         "version": version,
         "family": family.name,
-        "task": TASKS[family.name],
+        "task": family.spec().task,
         "opset": opset,
         "graphs": graphs,
         "image": {"channels": info.channels, "height": info.size, "width": info.size, "range": [-1.0, 1.0],
@@ -238,9 +247,5 @@ def _manifest(family: Family, dataset, record: dict, name: str, version: int, op
         },
         "parity": model_parity,
     }
-    if family.name == "diffusion":
-        cfg = family.config
-        manifest["diffusion"] = {"num_train_timesteps": cfg.num_train_timesteps, "schedule": cfg.schedule,
-                                 "prediction": cfg.prediction, "timestep_spacing": "trailing",
-                                 "null_label": info.num_classes, "samplers": SAMPLERS}
+    manifest.update(family.manifest_sections())
     return manifest

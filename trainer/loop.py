@@ -82,8 +82,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def build_family(config: TrainConfig, dataset: Dataset, device: torch.device) -> Family:
     cls = get_family(config.family)
-    if cls.data_kind != dataset.info.kind:
-        raise ConfigError(f"{config.family} trains on {cls.data_kind} data, not {dataset.info.kind}")
+    if cls.spec().data_kind != dataset.info.kind:
+        raise ConfigError(f"{config.family} trains on {cls.spec().data_kind} data, not {dataset.info.kind}")
     known = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(config.family_options) - known)
     if unknown:
@@ -241,7 +241,7 @@ def fit(config: TrainConfig, resume: bool = False, progress: bool | None = None,
         raise ConfigError(f"--run-dir {run_dir}: holds a checkpoint already; add --resume to continue it "
                           "or choose another --run-dir")
 
-    dataset = load_dataset(config.data, get_family(config.family).data_kind, config.image_size,
+    dataset = load_dataset(config.data, get_family(config.family).spec().data_kind, config.image_size,
                            config.channels, config.direction)
     if config.epochs is not None and not resume:
         config.steps = config.epochs * math.ceil(len(dataset.train[0]) / (config.batch_size * world))
@@ -341,7 +341,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Family, Dataset,
     config = TrainConfig(**{**record["train"], "run_dir": str(run_dir)})
     config.family_options = {k: v for k, v in record["family"].items()}
     dev = resolve_device(device)
-    dataset = load_dataset(config.data, get_family(config.family).data_kind, config.image_size,
+    dataset = load_dataset(config.data, get_family(config.family).spec().data_kind, config.image_size,
                            config.channels, config.direction)
     family = build_family(config, dataset, dev)
     ckpt = torch.load(run_dir / CHECKPOINT, map_location=dev, weights_only=False)

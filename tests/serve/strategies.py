@@ -21,13 +21,14 @@ from PIL import Image
 from tritonclient.grpc import service_pb2 as oip
 
 from protos import generator_pb2 as pb
+from serve.samplers import SAMPLERS
 
 # what a request may get back: anything else (UNKNOWN, INTERNAL, a hang) is a bug
 DOCUMENTED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "UNAVAILABLE", "RESOURCE_EXHAUSTED",
               "UNIMPLEMENTED"}
 MODELS = ["tiny-gan", "tiny-vae", "tiny-pix2pix", "tiny-cyclegan", "tiny-diffusion"]
 GRAPHS = ["tiny-gan.generator", "tiny-vae.encoder", "tiny-vae.decoder", "tiny-pix2pix.generator",
-          "tiny-cyclegan.generator_ab", "tiny-diffusion.step", "tiny-diffusion.denoiser"]
+          "tiny-cyclegan.generator_ab", "tiny-diffusion.denoiser"]
 BAD_NAMES = ["", "..", "../x", "a/b", "%2e%2e", "/etc/passwd", "tiny-gan\n", "Tiny-Gan", "x" * 300, "tiny-gan/../x",
              "\x00", "nope"]
 INPUTS = ["z", "label", "image", "x_t", "t", "t_prev", "guidance", "eta", "noise", "sampler", "source"]
@@ -129,7 +130,7 @@ def generator_calls(draw) -> tuple[str, object]:
     fields = {"model": "tiny-diffusion", "n": n, "seed": draw(seeds), "labels": _valid_labels(draw, n),
               "guidance": draw(st.one_of(st.none(), st.floats(0, 10))),
               "eta": draw(st.one_of(st.none(), st.floats(0, 1))),
-              "sampler": draw(st.sampled_from(["", "ddim", "ddpm", "dpm++"])), "steps": draw(st.integers(0, 20)),
+              "sampler": draw(st.sampled_from(["", *SAMPLERS])), "steps": draw(st.integers(0, 20)),
               "preview_every": draw(st.integers(0, 3)), "format": draw(st.sampled_from([0, 1]))}
     hostile = {**common, "n": st.one_of(small, i32), "labels": labels, "guidance": floats, "eta": floats,
                "sampler": st.one_of(st.sampled_from(["euler", "DDIM"]), st.text(max_size=8)),

@@ -100,7 +100,7 @@ def stubs(faulty):
 
 
 def _step_runs(oip_stub) -> int:
-    stats = oip_stub.ModelStatistics(oip.ModelStatisticsRequest(name="tiny-diffusion.step")).model_stats
+    stats = oip_stub.ModelStatistics(oip.ModelStatisticsRequest(name="tiny-diffusion")).model_stats
     return int(stats[0].execution_count)
 
 

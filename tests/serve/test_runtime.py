@@ -20,6 +20,7 @@ from serve.diffusion import row_rng
 from serve.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from serve.manifest import file_sha256
 from serve.runtime import EncodeResult, GraphRunner, Runtime, SampleResult
+from serve.samplers import SAMPLERS
 
 ROOT = Path(__file__).resolve().parents[2]
 RNG = np.random.default_rng(0)
@@ -150,11 +151,8 @@ def test_infer_serves_each_graph_as_a_model(rt, tiny_repo):
     enc = rt.sync.infer("tiny-vae.encoder", {"image": grey(2), "label": np.array([0, 1])})
     assert set(enc) == {"mean", "logvar"}
     x = grey(2)
-    step = rt.sync.infer("tiny-diffusion.step", {
-        "x_t": x, "t": np.array([999, 500]), "t_prev": np.array([500, -1]), "label": np.array([3, 10]),
-        "guidance": np.array([2.0, 1.0], np.float32), "eta": np.zeros(2, np.float32), "noise": grey(2),
-        "sampler": np.array([1, 2]), "x0_prev": np.zeros_like(x), "t_last": np.array([-1, 999])})
-    assert step["x_prev"].shape == step["x0"].shape == (2, 1, 32, 32)
+    out = rt.sync.infer("tiny-diffusion.denoiser", {"x_t": x, "t": np.array([999, 500]), "label": np.array([3, 10])})
+    assert out["output"].shape == (2, 1, 32, 32)
     handle = rt.graph("tiny-cyclegan.generator_ba")
     assert handle.version == 1 and handle.versions == [1] and [t.name for t in handle.info.inputs] == ["source"]
     with pytest.raises(NotFound, match="tiny-gan.generator"):
@@ -290,13 +288,13 @@ def test_models_index_and_statistics(rt):
     gan = models["tiny-gan"]
     assert (gan["family"], gan["task"], gan["state"], gan["latent_size"], gan["versions"]) == \
         ("gan", "sample", "READY", 8, [1])
-    assert models["tiny-diffusion"]["samplers"] == ["ddpm", "ddim", "dpm++"]
+    assert models["tiny-diffusion"]["samplers"] == list(SAMPLERS) and {"unipc", "euler_a"} <= set(SAMPLERS)
     assert models["tiny-diffusion"]["num_train_timesteps"] == 1000 and models["tiny-pix2pix"]["channels"] == 3
     assert [m["name"] for m in rt.models("tiny-vae")] == ["tiny-vae"]
     with pytest.raises(NotFound):
         rt.models("nope")
     names = {e.name for e in rt.oip_index()}
-    assert {"tiny-gan.generator", "tiny-cyclegan.generator_ab", "tiny-diffusion.step"} <= names
+    assert {"tiny-gan.generator", "tiny-cyclegan.generator_ab", "tiny-diffusion.denoiser"} <= names
     stats = {s.name: s for s in rt.statistics()}
     assert "tiny-pix2pix.generator" in stats and "tiny-vae.encoder" in stats
     rt.sync.sample("tiny-gan", 2, seed=0)

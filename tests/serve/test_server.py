@@ -103,7 +103,7 @@ def test_every_sampler(client, sampler):
 
 
 def test_concurrent_generate_mixed_steps_share_step_runs(server):
-    """16 concurrent Generate requests with different step counts: fewer step-graph runs than the sum of
+    """16 concurrent Generate requests with different step counts: fewer denoiser runs than the sum of
     their steps, and each equal to the same request served alone (RAW tensors, <= 1e-4)."""
     import tritonclient.grpc as triton
 
@@ -111,8 +111,8 @@ def test_concurrent_generate_mixed_steps_share_step_runs(server):
     stats = triton.InferenceServerClient(server.target)
 
     def runs():
-        return int(stats.get_inference_statistics("tiny-diffusion.step", as_json=True)["model_stats"][0]
-                   .get("execution_count", 0))
+        return int(stats.get_inference_statistics("tiny-diffusion", as_json=True)["model_stats"][0]
+                   .get("execution_count", 0))  # the model's denoising loop: one row per iteration
 
     def generate(i):
         channel = grpc.insecure_channel(server.target)
@@ -127,7 +127,7 @@ def test_concurrent_generate_mixed_steps_share_step_runs(server):
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         together = list(pool.map(generate, range(16)))
     used = runs() - before
-    assert used < sum(steps), (used, sum(steps))
+    assert max(steps) <= used < sum(steps), (used, sum(steps))
     for i in (0, 5, 10, 15):
         alone = generate(i)
         assert np.abs(alone - together[i]).max() <= 1e-4
@@ -138,7 +138,7 @@ def test_cancelled_generate_stops(server, client):
     import tritonclient.grpc as triton
 
     stats = triton.InferenceServerClient(server.target)
-    runs = lambda: int(stats.get_inference_statistics("tiny-diffusion.step", as_json=True)  # noqa: E731
+    runs = lambda: int(stats.get_inference_statistics("tiny-diffusion", as_json=True)  # noqa: E731
                        ["model_stats"][0].get("execution_count", 0))
     before = runs()
     stream = client.generate("tiny-diffusion", n=1, seed=0, steps=1000)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from serve.manifest import FAMILY_GRAPHS, parse_manifest, read_manifest, scan_repository
+from serve.families import FAMILIES as SPECS
+from serve.manifest import parse_manifest, read_manifest, scan_repository
 from tests.conftest import FAMILIES
 from trainer.export import DDIM_TOLERANCE, FP32_TOLERANCE, ExportError, export_model
 
@@ -33,7 +34,7 @@ def repo(tiny_repo, tmp_path_factory):
 def test_manifest_and_parity(repo, family):
     vdir = repo / "exported" / f"tiny-{family}" / "1"
     m = read_manifest(vdir)
-    assert m.family == family and set(m.graphs) == FAMILY_GRAPHS[family]
+    assert m.family == family and set(m.graphs) == SPECS[family].graphs
     parse_manifest(json.loads((vdir / "manifest.json").read_text()))
     for g in m.graphs.values():
         assert (vdir / g.file).is_file()
@@ -83,7 +84,7 @@ print("runs", runs)
     proc = subprocess.run([sys.executable, "-c", script, str(repo / "exported")], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["runs", str(2 * sum(len(FAMILY_GRAPHS[f]) for f in FAMILIES))]
+    assert proc.stdout.split() == ["runs", str(2 * sum(len(SPECS[f].graphs) for f in FAMILIES))]
 
 
 def test_versions_increment_and_refuse_overwrite(repo):

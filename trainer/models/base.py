@@ -2,7 +2,8 @@
 
 A family owns its networks, optimisers and training step; the training loop (trainer/loop.py)
 owns everything else: data order, progress, checkpoints, resume, DDP. Export (trainer/export.py)
-only needs `export_graphs()`.
+needs `export_graphs()` and `manifest_sections()`; what serving does with the graphs is the family's line in
+serve/families.py (its task, graphs and data kind), which `spec` returns.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+
+from serve.families import FAMILIES, FamilySpec
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,15 @@ class ConfigError(ValueError):
 
 
 class Family:
-    """Base class. Subclasses set `name`, `Config`, `data_kind`, build nets in __init__."""
+    """Base class. Subclasses set `name` (their line in serve/families.py) and `Config`, build nets in __init__."""
 
     name: ClassVar[str]
     Config: ClassVar[type[FamilyConfig]]
-    data_kind: ClassVar[str]  # which DataInfo.kind this family trains on
+
+    @classmethod
+    def spec(cls) -> FamilySpec:
+        """The family's contract, shared with the server: task, graphs, data kind."""
+        return FAMILIES[cls.name]
 
     def __init__(self, config: FamilyConfig, info: DataInfo, device: torch.device):
         self.config = config
@@ -105,8 +112,12 @@ class Family:
             sched.step()
 
     def export_graphs(self) -> dict[str, ExportGraph]:
-        """The ONNX graphs this family exports, by graph name."""
+        """The ONNX graphs this family exports, by graph name (the spec's `graphs`)."""
         raise NotImplementedError
+
+    def manifest_sections(self) -> dict:
+        """Family-specific manifest sections serving reads (diffusion: its schedule); none by default."""
+        return {}
 
     def extra_state(self) -> dict:
         """State beyond nets/optimisers/schedulers that resume needs (EMA, image pools)."""

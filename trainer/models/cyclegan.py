@@ -113,7 +113,6 @@ class ImagePool:
 class CycleGAN(Family):
     name = "cyclegan"
     Config = CycleGANConfig
-    data_kind = "unpaired"
 
     def __init__(self, config: CycleGANConfig, info: DataInfo, device: torch.device):
         super().__init__(config, info, device)

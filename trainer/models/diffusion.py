@@ -6,14 +6,9 @@ v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 ("v", Salimans & Ho 2022). Labels are
 class with probability `p_uncond` so one network is both conditional and unconditional (Ho & Salimans,
 classifier-free guidance). An EMA of the U-Net weights is what samples and what is exported.
 
-Sampling is written once, in `DiffusionStep`: one whole denoising step for a batch in which every
-coefficient is per sample (timestep, next timestep, label, guidance, eta, sampler, solver state), so
-requests at different steps of different samplers share one run of the graph. The three samplers follow
-diffusers' DDPMScheduler, DDIMScheduler and DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
-solver_order=2, final step first order), with two choices of ours:
-  * every x0 prediction is clipped to [-1, 1] (the data range; diffusers' clip_sample), and
-  * eps is re-derived from the clipped x0 (diffusers' DDIM `use_clipped_model_output=True`), so x_t, x0
-    and eps stay consistent; DDPM's posterior uses x0 and x_t directly, which is the same thing.
+Sampling is serving code: the samplers live in serve/samplers/ (one file each) and the export is the `denoiser`
+alone. The training-time sample grids run the same samplers' plans here in PyTorch (`run_sampler`), so the grids
+and the server agree (export checks it: the served loop against this one).
 
 Timesteps ("trailing" spacing, as diffusers' timestep_spacing="trailing"): for `steps` sampling steps
 of a model trained with T timesteps, step i = 0..steps-1 runs at
@@ -36,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from serve.diffusion import timestep_pairs  # one copy of the rule, shared with the server (no torch there)
+from serve.samplers import SAMPLERS, NoiseSchedule
+from serve.samplers.schedule import SCHEDULES, alpha_bar
 from trainer.models.base import ConfigError, DataInfo, ExportGraph, Family, FamilyConfig, TensorSpec
 
 NORM_GROUPS = 8  # GroupNorm groups: width 32 gives 4 channels per group, DDPM's ratio (128 ch / 32 groups)
-SAMPLERS = {"ddpm": 0, "ddim": 1, "dpmpp_2m": 2}  # the `sampler` input of the step graph
 PREDICTIONS = ("eps", "v")
-SCHEDULES = ("linear", "cosine")
 
 
 @dataclass(kw_only=True)
@@ -68,19 +63,8 @@ class DiffusionConfig(FamilyConfig):
 # --- schedule ------------------------------------------------------------------------------------
 
 def alpha_bar_schedule(schedule: str, num_train_timesteps: int) -> torch.Tensor:
-    """abar_t = prod_{s <= t} (1 - beta_s) for t = 0..T-1, float64."""
-    T = num_train_timesteps
-    if schedule == "linear":
-        betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-    elif schedule == "cosine":  # Nichol & Dhariwal (2021), betas clipped at 0.999 as in diffusers
-        def f(u: torch.Tensor) -> torch.Tensor:
-            return torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        u = torch.arange(T + 1, dtype=torch.float64) / T
-        betas = (1 - f(u[1:]) / f(u[:-1])).clamp(max=0.999)
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
-    return torch.cumprod(1 - betas, dim=0)
+    """abar_t for t = 0..T-1, float64 (serve.samplers.schedule has the rule: one copy for both sides)."""
+    return torch.from_numpy(alpha_bar(schedule, num_train_timesteps))
 
 
 # --- the U-Net -----------------------------------------------------------------------------------
@@ -214,107 +198,42 @@ class UNet(nn.Module):
         return h
 
 
-# --- one denoising step, per-sample coefficients -------------------------------------------------
+# --- sampling: the server's sampler plans, applied in PyTorch ------------------------------------
 
-class DiffusionStep(nn.Module):
-    """One denoising step of DDPM, DDIM or DPM-Solver++(2M), chosen per sample.
-
-    forward(x_t, t, t_prev, label, guidance, eta, noise, sampler, x0_prev, t_last) -> (x_prev, x0)
-      x_t [B,C,H,W]; t [B] in [0, T); t_prev [B] in [-1, T), -1 = final step (abar = 1);
-      label [B] (K = null class; ignored by an unconditional model); guidance [B]: CFG scale w,
-      out = out_null + w * (out_cond - out_null); eta [B]: DDIM eta; noise [B,C,H,W] ~ N(0, 1)
-      (used by DDPM and by DDIM with eta > 0); sampler [B]: 0 DDPM, 1 DDIM, 2 (or anything else)
-      DPM-Solver++(2M); x0_prev [B,C,H,W] and t_last [B]: the DPM-Solver++ state, the previous step's
-      x0 and its timestep (t_last = -1: no previous step, first order).
-    Returns the sample at t_prev and this step's clipped x0 (the next call's x0_prev).
-    """
-
-    def __init__(self, unet: UNet, alpha_bar: torch.Tensor, prediction: str = "eps"):
-        super().__init__()
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {prediction!r}: use one of {', '.join(PREDICTIONS)}")
-        self.unet = unet
-        self.prediction = prediction
-        self.num_classes = unet.num_classes
-        ab = torch.cat([alpha_bar.to(torch.float64), torch.ones(1, dtype=torch.float64)])  # index T: abar = 1
-        self.register_buffer("sqrt_ab", ab.sqrt().float(), persistent=False)
-        self.register_buffer("sqrt_1m_ab", (1 - ab).sqrt().float(), persistent=False)
-        self.T = alpha_bar.numel()
-
-    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha, sigma) = (sqrt(abar_t), sqrt(1 - abar_t)) as [B,1,1,1]; t = -1 gives (1, 0)."""
-        idx = torch.where(t < 0, torch.full_like(t, self.T), t)
-        return self.sqrt_ab[idx][:, None, None, None], self.sqrt_1m_ab[idx][:, None, None, None]
-
-    def model_output(self, x_t: torch.Tensor, t: torch.Tensor, label: torch.Tensor,
-                     guidance: torch.Tensor) -> torch.Tensor:
-        if not self.num_classes:
-            return self.unet(x_t, t)
-        # conditional and null halves as one doubled batch
-        null = torch.full_like(label, self.num_classes)
-        out = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([label, null]))
-        cond, uncond = out[: x_t.shape[0]], out[x_t.shape[0]:]  # not chunk(2): it pins the batch in export
-        return uncond + guidance[:, None, None, None] * (cond - uncond)
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, label: torch.Tensor,
-                guidance: torch.Tensor, eta: torch.Tensor, noise: torch.Tensor, sampler: torch.Tensor,
-                x0_prev: torch.Tensor, t_last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model_output(x_t, t, label, guidance)
-        a_t, s_t = self.coefficients(t)
-        a_p, s_p = self.coefficients(t_prev)
-        a_l, s_l = self.coefficients(t_last)
-
-        x0 = (x_t - s_t * out) / a_t if self.prediction == "eps" else a_t * x_t - s_t * out
-        x0 = x0.clamp(-1.0, 1.0)  # the data range; keeps high-noise steps from overshooting
-        eps = (x_t - a_t * x0) / s_t  # consistent with the clipped x0
-        # the DDPM posterior variance for a (possibly strided) step t -> t_prev; 0 on the final step
-        # (clamped so that out-of-order inputs, t_prev >= t, give finite garbage rather than NaN)
-        beta = (1 - (a_t / a_p) ** 2).clamp(min=0)  # 1 - abar_t / abar_prev: the strided step's beta
-        var = (s_p / s_t) ** 2 * beta
-
-        # DDPM ancestral: posterior mean with alpha_t = abar_t / abar_prev (DDPMScheduler, custom timesteps)
-        ddpm = (a_p * beta / s_t**2) * x0 + ((a_t / a_p) * s_p**2 / s_t**2) * x_t + var.sqrt() * noise
-
-        # DDIM (Song et al. 2021, eq. 12)
-        std = eta[:, None, None, None] * var.sqrt()
-        ddim = a_p * x0 + (s_p**2 - std**2).clamp(min=0).sqrt() * eps + std * noise
-
-        # DPM-Solver++(2M), data prediction, midpoint form; lambda = log(alpha / sigma).
-        # phi = alpha_p (1 - e^-h) written without lambda so the final step (sigma_p = 0, h = inf) is finite.
-        phi = a_p - s_p * a_t / s_t
-        first = (s_p / s_t) * x_t + phi * x0  # = DDIM with eta = 0
-        lam_t, lam_p, lam_l = (torch.log(a) - torch.log(s) for a, s in ((a_t, s_t), (a_p, s_p), (a_l, s_l)))
-        # second order needs a previous step (t_last > t; -1 = none) and is off on the final step
-        second_order = ((t_last > t) & (t_prev >= 0))[:, None, None, None]  # lower_order_final
-        r = torch.where(second_order, (lam_p - lam_t) / (lam_t - lam_l), torch.zeros_like(lam_t))  # 1 / r0
-        dpm = first + 0.5 * phi * r * (x0 - x0_prev)
-
-        s = sampler[:, None, None, None]
-        x_prev = torch.where(s == 0, ddpm, torch.where(s == 1, ddim, dpm))
-        return x_prev, x0
+def guided_output(unet: UNet, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor,
+                  guidance: float) -> torch.Tensor:
+    """The U-Net output with classifier-free guidance: one doubled batch (label, then the null class K)."""
+    if not unet.num_classes:
+        return unet(x, t)
+    null = torch.full_like(label, unet.num_classes)
+    out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null]))
+    cond, uncond = out[: x.shape[0]], out[x.shape[0]:]
+    return uncond + guidance * (cond - uncond)
 
 
-def run_sampler(step_module: DiffusionStep, x_T: torch.Tensor, labels: torch.Tensor, sampler: int | str,
+def run_sampler(unet: UNet, schedule: NoiseSchedule, x_T: torch.Tensor, labels: torch.Tensor, sampler: str,
                 steps: int, guidance: float, eta: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Loop `step_module` over `timestep_pairs(steps, T)` from x_T; returns the final sample.
+    """`sampler` (a serve.samplers name) from x_T over `timestep_pairs(steps, T)`; returns the final sample.
 
-    One noise tensor of x_T's shape is drawn from `generator` before every step, used or not,
-    so a loop elsewhere (ONNX, the server) reproduces it by drawing the same way.
+    The same plan the server runs: x0 from the model output (clipped where the sampler says), then the plan's
+    linear update of the sampler state. Samplers that use noise draw one tensor of x_T's shape per step.
     """
-    sampler = SAMPLERS[sampler] if isinstance(sampler, str) else int(sampler)
-    B = x_T.shape[0]
-
-    def full(value: float, dtype: torch.dtype) -> torch.Tensor:
-        return torch.full((B,), value, dtype=dtype, device=x_T.device)
-
-    x, x0_prev, t_last = x_T, torch.zeros_like(x_T), -1
-    for t, t_prev in timestep_pairs(steps, step_module.T):
-        noise = torch.randn(x_T.shape, generator=generator, device=x_T.device, dtype=x_T.dtype)
-        x, x0_prev = step_module(x, full(t, torch.int64), full(t_prev, torch.int64), labels,
-                                 full(guidance, torch.float32), full(eta, torch.float32), noise,
-                                 full(sampler, torch.int64), x0_prev, full(t_last, torch.int64))
-        t_last = t
-    return x
+    s = SAMPLERS[sampler]
+    pairs = timestep_pairs(steps, schedule.T)
+    plan = torch.from_numpy(s.plan(schedule, pairs, eta)).to(x_T.device, torch.float32)
+    state = [x_T] + [torch.zeros_like(x_T) for _ in s.state[1:]]
+    for i, (t, _) in enumerate(pairs):
+        tt = torch.full((x_T.shape[0],), t, dtype=torch.int64, device=x_T.device)
+        out = guided_output(unet, state[0], tt, labels, guidance)
+        cx, co = schedule.to_x0(t)
+        x0 = cx * state[0] + co * out
+        if s.clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        noise = torch.randn(x_T.shape, generator=generator, device=x_T.device, dtype=x_T.dtype) \
+            if s.uses_noise(eta) else torch.zeros_like(x_T)
+        terms = [*state, x0, noise]
+        state = [sum(plan[i, j, k] * terms[k] for k in range(len(terms))) for j in range(len(s.state))]
+    return state[0]
 
 
 class _Denoiser(nn.Module):
@@ -333,7 +252,6 @@ class _Denoiser(nn.Module):
 class Diffusion(Family):
     name = "diffusion"
     Config = DiffusionConfig
-    data_kind = "images"
 
     @classmethod
     def check(cls, config: DiffusionConfig, info: DataInfo) -> None:
@@ -418,9 +336,8 @@ class Diffusion(Family):
             e.lerp_(p.detach(), 1.0 - decay)
         self.ema_updates = n + 1
 
-    def step_module(self) -> DiffusionStep:
-        """The sampling step around the EMA U-Net (shares its weights), in eval mode."""
-        return DiffusionStep(self.ema, self.alpha_bar, self.config.prediction).to(self.device).eval()
+    def noise_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule(self.alpha_bar.numpy(), self.config.prediction)
 
     @torch.no_grad()
     def sample(self, batch: tuple[torch.Tensor, torch.Tensor], seed: int) -> torch.Tensor:
@@ -433,36 +350,27 @@ class Diffusion(Family):
                                                                                device=self.device)
         x_T = torch.randn((n, self.info.channels, self.info.size, self.info.size), generator=gen,
                           device=self.device)
-        images = run_sampler(self.step_module(), x_T, labels, "ddim", self.config.sample_steps,
+        images = run_sampler(self.ema, self.noise_schedule(), x_T, labels, "ddim", self.config.sample_steps,
                              self.config.guidance if K else 1.0, 0.0, gen)
         for k, net in self.nets.items():
             net.train(modes[k])
         return images.clamp(-1, 1)
 
     def export_graphs(self) -> dict[str, ExportGraph]:
+        """The denoiser alone: samplers are serving code (serve/samplers/), assembled around it at load time."""
         C, S, T, K = self.info.channels, self.info.size, self.config.num_train_timesteps, self.num_classes
         image = (-1, C, S, S)
-        den_inputs = {"x_t": TensorSpec("float32", image, -3.0, 3.0), "t": TensorSpec("int64", (-1,), 0, T)}
+        inputs = {"x_t": TensorSpec("float32", image, -3.0, 3.0), "t": TensorSpec("int64", (-1,), 0, T)}
         if K:
-            den_inputs["label"] = TensorSpec("int64", (-1,), 0, K + 1)
-        step_inputs = {
-            "x_t": TensorSpec("float32", image, -3.0, 3.0),
-            "t": TensorSpec("int64", (-1,), 0, T),
-            "t_prev": TensorSpec("int64", (-1,), -1, T),
-            "label": TensorSpec("int64", (-1,), 0, K + 1 if K else 1),
-            "guidance": TensorSpec("float32", (-1,), 0.0, 5.0),
-            "eta": TensorSpec("float32", (-1,), 0.0, 1.0),
-            "noise": TensorSpec("float32", image, -3.0, 3.0),
-            "sampler": TensorSpec("int64", (-1,), 0, 3),
-            "x0_prev": TensorSpec("float32", image, -1.0, 1.0),
-            "t_last": TensorSpec("int64", (-1,), -1, T),
-        }
-        return {
-            "denoiser": ExportGraph(_Denoiser(self.ema).eval(), den_inputs,
-                                    {"output": TensorSpec("float32", image)}),
-            "step": ExportGraph(self.step_module(), step_inputs,
-                                {"x_prev": TensorSpec("float32", image), "x0": TensorSpec("float32", image)}),
-        }
+            inputs["label"] = TensorSpec("int64", (-1,), 0, K + 1)
+        return {"denoiser": ExportGraph(_Denoiser(self.ema).eval(), inputs, {"output": TensorSpec("float32", image)})}
+
+    def manifest_sections(self) -> dict:
+        """What serving needs beyond the graphs: the schedule, the prediction type, the null class."""
+        cfg = self.config
+        return {"diffusion": {"num_train_timesteps": cfg.num_train_timesteps, "schedule": cfg.schedule,
+                              "prediction": cfg.prediction, "timestep_spacing": "trailing",
+                              "null_label": self.num_classes}}
 
     def extra_state(self) -> dict:
         return {"ema": self.ema.state_dict(), "ema_updates": self.ema_updates}

@@ -168,7 +168,6 @@ class GeneratorGraph(nn.Module):
 class GAN(Family):
     name = "gan"
     Config = GANConfig
-    data_kind = "images"
 
     def __init__(self, config: GANConfig, info: DataInfo, device: torch.device):
         super().__init__(config, info, device)

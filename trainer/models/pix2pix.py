@@ -106,7 +106,6 @@ def triples(*columns: torch.Tensor) -> torch.Tensor:
 class Pix2Pix(Family):
     name = "pix2pix"
     Config = Pix2PixConfig
-    data_kind = "paired"
 
     def __init__(self, config: Pix2PixConfig, info: DataInfo, device: torch.device):
         super().__init__(config, info, device)

@@ -124,7 +124,6 @@ def reconstruction_loss(h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
 class VAE(Family):
     name = "vae"
     Config = VAEConfig
-    data_kind = "images"
 
     def __init__(self, config: VAEConfig, info: DataInfo, device: torch.device):
         super().__init__(config, info, device)
