@@ -5,7 +5,7 @@ GEN     := $(VENV)/bin/gen
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo models lint clean bench bench-full bench-setup
+.PHONY: setup test demo models lint clean bench bench-full bench-setup gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -54,6 +54,15 @@ bench: bench-setup
 
 bench-full:
 	$(MAKE) bench MODE=full
+
+# On a machine with an NVIDIA GPU: swap in the CUDA onnxruntime wheel (the gpu extra; the CPU wheel cannot stay
+# beside it), run the gpu-marked tests (CUDA vs CPU parity, CUDA graphs) and print step times per batch-size bucket
+# with and without CUDA graphs. That .venv keeps the CUDA wheel afterwards (it serves CPU models too).
+gpu-check: setup
+	$(PY) -m pip uninstall -q -y onnxruntime
+	$(PY) -m pip install -q -e ".[train,gpu,dev]"
+	$(PY) -m pytest -m gpu -s -q tests/serve/test_gpu.py
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache bench/.cache $(PYTRITON)

@@ -24,9 +24,7 @@ Deadlines are absolute `time.monotonic()` values (gRPC: time.monotonic() + conte
 from __future__ import annotations
 
 import asyncio
-import math
 import queue
-import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,10 +42,11 @@ from serve.manifest import GraphInfo, Manifest
 from serve.repository import IndexEntry, ModelVersion, Repository, check_name
 from serve.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, NoiseSchedule, state_size
 from serve.session import CUDA, DenoisingSession, GraphRunner, available_threads, parse_device
+from serve.validate import MAX_GUIDANCE, check_domains, check_float, check_n, check_seed, is_int, labels_for
+from serve.validate import images as images_of
+from serve.validate import tensor as tensor_of
 
 MAX_STEPS = 1000
-MAX_GUIDANCE = 50.0
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 __all__ = ["Runtime", "SampleResult", "EncodeResult", "Progress", "Final", "GraphHandle", "GraphRunner",
            "available_threads"]
@@ -118,7 +117,8 @@ class Runtime:
 
     def __init__(self, repo_root: str | Path, device: str = "auto", max_batch_size: int | None = None,
                  max_queue_delay_ms: float | None = None, max_queue_size: int = 1024, threads: int | None = None,
-                 max_n: int = 256, fp16: bool | None = None, max_steps: int = MAX_STEPS, spin: bool = True):
+                 max_n: int = 256, fp16: bool | None = None, max_steps: int = MAX_STEPS, spin: bool = True,
+                 cuda_graphs: bool = False):
         kind, _ = parse_device(device)
         if kind == "cuda" and CUDA not in ort.get_available_providers():
             raise FailedPrecondition(f"device='cuda': this onnxruntime has no {CUDA} (it offers "
@@ -146,6 +146,7 @@ class Runtime:
         self.max_n = max_n
         self.max_steps = max_steps  # per Generate request (also bounded by the model's training timesteps)
         self.fp16 = fp16
+        self.cuda_graphs = cuda_graphs  # diffusion loops on CUDA: one captured CUDA graph per batch-size bucket
         self._lock = threading.Lock()
         self._batchers: dict[tuple[ModelVersion, str], DynamicBatcher] = {}
         self._schedulers: dict[ModelVersion, DiffusionScheduler] = {}
@@ -315,7 +316,8 @@ class Runtime:
                 self._check_serving(mv)
                 m = mv.manifest
                 session = DenoisingSession(mv.path, m, state_size(), capacity=self._mbs(mv), device=self.device,
-                                           threads=self.threads, spin=self.spin, fp16=self.fp16)
+                                           threads=self.threads, spin=self.spin, fp16=self.fp16,
+                                           cuda_graphs=self.cuda_graphs)
                 schedule = NoiseSchedule.of(m.diffusion["schedule"], int(m.diffusion["num_train_timesteps"]),
                                             m.diffusion["prediction"])
                 s = DiffusionScheduler(session, schedule, name=mv.name, max_batch_size=self._mbs(mv),
@@ -376,11 +378,11 @@ class Runtime:
                      version: int | None = None, deadline: float | None = None) -> SampleResult:
         """n images from a vae (its decoder) or gan (its generator), latents drawn from (seed, i)."""
         mv, spec = self._resolve(model, version, "sample")
-        n = self._check_n(n)
-        seed = _check_seed(seed)
+        n = check_n(n, self.max_n)
+        seed = check_seed(seed)
         graph = spec.generator
         info = mv.manifest.graphs[graph]
-        labels = _labels(labels, n, mv.manifest)
+        labels = labels_for(labels, n, mv.manifest)
         z_shape = tuple(_input(info, "z").shape[1:])
         z = np.stack([row_rng(seed, i).standard_normal(z_shape, dtype=np.float32) for i in range(n)])
         out = await self.batcher(mv, graph).run(_with_label({"z": z}, info, labels, n), deadline)
@@ -396,7 +398,7 @@ class Runtime:
         if graph is None:
             raise InvalidArgument(f"direction: {model!r} is a {spec.name} model, which translates one way "
                                   f"({', '.join(spec.directions)}); train it with --direction {direction} for that")
-        source = self._images(images, mv.manifest)
+        source = images_of(images, mv.manifest, self.max_n)
         out = await self.batcher(mv, graph).run({"source": source}, deadline)
         return SampleResult(out["image"], NO_LABELS, None, mv.name, mv.version)
 
@@ -408,9 +410,9 @@ class Runtime:
         one for all); like every task, labels default to i % K.
         """
         mv, spec = self._resolve(model, version, "encode")
-        images = self._images(images, mv.manifest)
+        images = images_of(images, mv.manifest, self.max_n)
         info = mv.manifest.graphs[spec.encoder]
-        labels = _labels(labels, len(images), mv.manifest)
+        labels = labels_for(labels, len(images), mv.manifest)
         out = await self.batcher(mv, spec.encoder).run(_with_label({"image": images}, info, labels, len(images)),
                                                     deadline)
         return EncodeResult(out["mean"], out["logvar"], _or_none(labels), mv.name, mv.version)
@@ -420,8 +422,8 @@ class Runtime:
         """A vae's decoder on given latents [n, latent]; labels default to i % K on a conditional vae."""
         mv, spec = self._resolve(model, version, "decode")
         info = mv.manifest.graphs[spec.generator]
-        z = self._tensor("z", z, _input(info, "z"))
-        labels = _labels(labels, len(z), mv.manifest)
+        z = tensor_of("z", z, _input(info, "z"), self.max_n)
+        labels = labels_for(labels, len(z), mv.manifest)
         out = await self.batcher(mv, spec.generator).run(_with_label({"z": z}, info, labels, len(z)), deadline)
         return SampleResult(out["image"], _or_none(labels), None, mv.name, mv.version)
 
@@ -462,12 +464,12 @@ class Runtime:
         if missing or extra:
             problem = (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else "")
             raise InvalidArgument(f"inputs: {name} takes {[t.name for t in info.inputs]}{problem}")
-        feeds = {t.name: self._tensor(t.name, inputs[t.name], t) for t in info.inputs}
+        feeds = {t.name: tensor_of(t.name, inputs[t.name], t, self.max_n) for t in info.inputs}
         rows = {len(v) for v in feeds.values()}
         if len(rows) != 1:
             raise InvalidArgument(f"inputs: every input of {name} needs the same batch size, got "
                                   + ", ".join(f"{k}: {len(v)}" for k, v in feeds.items()))
-        _check_domains(feeds, mv.manifest)
+        check_domains(feeds, mv.manifest)
         return await self.batcher(mv, graph).run(feeds, deadline)
 
     def _generation(self, model: str, n: int, seed: int | None = None, labels: Sequence[int] | None = None,
@@ -478,82 +480,28 @@ class Runtime:
         """Validate a generate request: (the model version, the scheduler's submit arguments)."""
         mv, _ = self._resolve(model, version, "generate")
         m = mv.manifest
-        n = self._check_n(n)
-        seed = _check_seed(seed)
+        n = check_n(n, self.max_n)
+        seed = check_seed(seed)
         sampler = DEFAULT_SAMPLER if sampler is None else sampler
         steps = DEFAULT_STEPS if steps is None else steps
         if sampler not in SAMPLERS:
             raise InvalidArgument(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
         T = int(m.diffusion["num_train_timesteps"])
-        if not _is_int(steps) or not 1 <= steps <= min(self.max_steps, T):
+        if not is_int(steps) or not 1 <= steps <= min(self.max_steps, T):
             raise InvalidArgument(f"steps: must be between 1 and {min(self.max_steps, T)}, got {steps!r}")
         if guidance is None:
             guidance = m.default_guidance
-        guidance = _check_float("guidance", guidance, 0.0, MAX_GUIDANCE)
-        eta = _check_float("eta", 0.0 if eta is None else eta, 0.0, 1.0)
-        if not _is_int(preview_every) or preview_every < 0:
+        guidance = check_float("guidance", guidance, 0.0, MAX_GUIDANCE)
+        eta = check_float("eta", 0.0 if eta is None else eta, 0.0, 1.0)
+        if not is_int(preview_every) or preview_every < 0:
             raise InvalidArgument(f"preview_every: must be an integer >= 0 (0 = no previews), got "
                                   f"{preview_every!r}")
-        labels = _labels(labels, n, m)
+        labels = labels_for(labels, n, m)
         return mv, dict(seed=seed, labels=labels if labels is not None else np.zeros(n, np.int64),
                         guidance=guidance, eta=eta, sampler=SAMPLERS[sampler], steps=int(steps),
                         preview_every=int(preview_every), deadline=deadline)
 
-    # --- validation ------------------------------------------------------------------------------
-
-    def _check_n(self, n) -> int:
-        if not _is_int(n) or not 1 <= n <= self.max_n:
-            raise InvalidArgument(f"n: must be between 1 and {self.max_n}, got {n!r}")
-        return int(n)
-
-    def _rows(self, field_name: str, rows: int) -> None:
-        if not 1 <= rows <= self.max_n:
-            raise InvalidArgument(f"{field_name}: between 1 and {self.max_n} rows per request, got {rows}")
-
-    def _images(self, images, manifest: Manifest, field_name: str = "images") -> np.ndarray:
-        spec = manifest.image
-        expected = (spec["channels"], spec["height"], spec["width"])
-        try:
-            x = np.asarray(images)
-        except (TypeError, ValueError) as e:
-            raise InvalidArgument(f"{field_name}: not an array ({e})") from None
-        if x.ndim != 4 or x.shape[1:] != expected:
-            raise InvalidArgument(f"{field_name}: expected float NCHW with (C, H, W) = {expected} "
-                                  f"({manifest.name} takes {spec['height']}x{spec['width']}, "
-                                  f"{spec['channels']} channel(s)), got shape {x.shape}")
-        if not np.issubdtype(x.dtype, np.floating):
-            raise InvalidArgument(f"{field_name}: expected floats in [-1, 1], got {x.dtype}")
-        self._rows(field_name, len(x))
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        _check_finite(field_name, x)
-        return x
-
-    def _tensor(self, field_name: str, value, spec) -> np.ndarray:
-        """An input checked against its manifest TensorInfo: dtype kind, shape (-1 = any), rows, finite."""
-        try:
-            x = np.asarray(value)
-        except (TypeError, ValueError) as e:
-            raise InvalidArgument(f"{field_name}: not an array ({e})") from None
-        want = NP_DTYPES[spec.dtype]
-        kind_ok = np.issubdtype(x.dtype, np.floating) if np.issubdtype(want, np.floating) else \
-            np.issubdtype(x.dtype, np.integer)
-        if not kind_ok:
-            raise InvalidArgument(f"{field_name}: expected {spec.dtype}, got {x.dtype}")
-        shape = tuple(spec.shape)
-        if x.ndim != len(shape) or any(s != -1 and s != d for s, d in zip(shape[1:], x.shape[1:])):
-            raise InvalidArgument(f"{field_name}: expected shape {list(shape)} (-1 = any), got {list(x.shape)}")
-        self._rows(field_name, len(x))
-        x = np.ascontiguousarray(x, dtype=want)
-        if np.issubdtype(want, np.floating):
-            _check_finite(field_name, x)
-        return x
-
-
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _input(info: GraphInfo, name: str):
@@ -562,55 +510,6 @@ def _input(info: GraphInfo, name: str):
 
 def _image_shape(m: Manifest) -> tuple[int, int, int]:
     return m.image["channels"], m.image["height"], m.image["width"]
-
-
-def _check_seed(seed) -> int:
-    if seed is None:
-        return secrets.randbits(63)
-    if not _is_int(seed) or not 0 <= seed < 2**64:
-        raise InvalidArgument(f"seed: expected an integer in [0, 2^64), got {seed!r}")
-    return int(seed)
-
-
-def _check_float(field_name: str, value, lo: float, hi: float) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value) or not lo <= value <= hi:
-        raise InvalidArgument(f"{field_name}: must be a finite number between {lo:g} and {hi:g}, got {value!r}")
-    return float(value)
-
-
-def _check_finite(field_name: str, x: np.ndarray) -> None:
-    bad = ~np.isfinite(x)
-    if bad.any():
-        index = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InvalidArgument(f"{field_name}: NaN or Inf at index {list(index)}")
-
-
-def _labels(labels, n: int, m: Manifest) -> np.ndarray | None:
-    """Labels for n rows: None -> i % K (conditional) or None (unconditional); one label -> all rows."""
-    k = m.num_classes
-    if labels is None:
-        return np.arange(n, dtype=np.int64) % k if k else None
-    if not k:
-        raise InvalidArgument(f"labels: {m.name!r} is unconditional (no classes); leave labels out")
-    if _is_int(labels):
-        values = [labels]
-    elif isinstance(labels, np.ndarray):
-        values = list(labels.reshape(-1))
-    else:
-        try:
-            values = list(labels)
-        except TypeError:
-            raise InvalidArgument(f"labels: expected a list of class indices, got {labels!r}") from None
-    if len(values) == 0:
-        return np.arange(n, dtype=np.int64) % k
-    if len(values) not in (1, n):
-        raise InvalidArgument(f"labels: give none, one, or one per image ({n}), got {len(values)}")
-    for i, v in enumerate(values):
-        if not _is_int(v) or not 0 <= v < k:
-            raise InvalidArgument(f"labels[{i}]: must be a class index between 0 and {k - 1}, got {v!r}")
-    out = np.asarray(values, dtype=np.int64)
-    return np.repeat(out, n) if len(out) == 1 else out
 
 
 def _or_none(labels: np.ndarray | None) -> np.ndarray:
@@ -631,28 +530,6 @@ def _with_label(feeds: dict, info: GraphInfo, labels: np.ndarray | None, n: int)
     if any(t.name == "label" for t in info.inputs):
         feeds["label"] = labels if labels is not None else np.zeros(n, np.int64)
     return feeds
-
-
-def _check_domains(feeds: dict[str, np.ndarray], m: Manifest) -> None:
-    """Integer inputs that index tables inside the graph: out of range would fail the whole batch."""
-    k = m.num_classes
-    limits = {}
-    if "label" in feeds:
-        # the diffusion graphs also take the null class K; an unconditional step graph ignores its label
-        denoise = FAMILIES[m.family].task == DENOISE
-        limits["label"] = (0, k) if denoise else (0, k - 1)
-        if denoise and not k:
-            limits["label"] = (0, 0)
-    if FAMILIES[m.family].task == DENOISE:
-        T = int(m.diffusion["num_train_timesteps"])
-        # the legacy step graph's inputs, for models exported before the sampler registry
-        limits.update(t=(0, T - 1), t_prev=(-1, T - 1), t_last=(-1, T - 1), sampler=(0, 2))
-    for name, (lo, hi) in limits.items():
-        if name in feeds and len(feeds[name]):
-            v = feeds[name]
-            if v.min() < lo or v.max() > hi:
-                bad = int(v[(v < lo) | (v > hi)][0])
-                raise InvalidArgument(f"{name}: values must be between {lo} and {hi}, got {bad}")
 
 
 class SyncRuntime:
