@@ -294,7 +294,7 @@ def _sweep(root, names: list[str], config, sweep_steps: str, json_path: str | No
 @click.option("--repo", default="exported", show_default=True, help="The model repository folder.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 for all).")
 @click.option("--port", type=int, default=50051, show_default=True, help="gRPC port; 0 picks a free one.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (GPU N).")
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this HTTP port.")
 @click.option("--max-batch-size", type=int, help="Per graph. [default: each manifest's]")
 @click.option("--max-queue-delay-ms", type=float, help="How long a batch waits to fill. [default: manifest]")
@@ -331,7 +331,12 @@ def serve_cmd(repo, host, port, device, metrics_port, max_batch_size, max_queue_
     from pathlib import Path
 
     from serve.manifest import scan_repository
+    from serve.session import parse_device
 
+    try:
+        parse_device(device)
+    except ValueError:
+        raise UserError(f"--device {device}: use auto, cpu, cuda or cuda:N (N = the GPU's index)") from None
     healthy = [e for e in scan_repository(Path(repo)) if e.healthy]
     if not healthy:
         raise UserError(f"--repo {repo}: no models to serve; train and export one first, e.g. "
