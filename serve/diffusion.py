@@ -154,6 +154,10 @@ class DiffusionScheduler:
                steps: int, deliver: Callable[[object], None], preview_every: int = 0,
                deadline: float | None = None) -> GenerationRequest:
         """Add a request (already validated); its events go to `deliver`: Progress..., then Done or an error."""
+        # the plan (a matrix per step) is computed outside the lock: the loop keeps running meanwhile
+        req = GenerationRequest(0, seed, labels, guidance, eta, sampler, steps, self.schedule,
+                                self.session.state_size, preview_every, deadline, deliver)
+        req.rows = [_Row(req, i) for i in range(req.n)]
         with self._cond:
             if self._closed:
                 raise Unavailable(f"{self.name} is unloaded; retry to reach the current version")
@@ -162,10 +166,8 @@ class DiffusionScheduler:
                                           "already; retry later")
                 self.stats.record_done(0, error)
                 raise error
-            req = GenerationRequest(self._seq, seed, labels, guidance, eta, sampler, steps, self.schedule,
-                                    self.session.state_size, preview_every, deadline, deliver)
+            req.seq = self._seq
             self._seq += 1
-            req.rows = [_Row(req, i) for i in range(req.n)]
             self._requests.append(req)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"diffusion-{self.name}", daemon=True)

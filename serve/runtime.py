@@ -1,4 +1,4 @@
-"""The in-process serving API: onnxruntime sessions, one batcher per graph, the diffusion scheduler.
+"""The in-process serving API: the tasks, one batcher per graph, one denoising loop per diffusion model.
 
     from serve.runtime import Runtime
     rt = Runtime("exported")
@@ -7,8 +7,8 @@
     async for event in rt.generate("diffusion", 4, steps=20):  # Progress..., then Final(result)
         ...
 
-Every task validates its arguments first (InvalidArgument naming the field), resolves the model
-(serve.repository), then goes through the graph's DynamicBatcher (or, for diffusion, the model's
+Every task validates its arguments first (serve/validate.py: InvalidArgument naming the field), resolves the
+model (serve.repository) and its family's spec (serve/families.py: which graph does what), then goes through the graph's DynamicBatcher (or, for diffusion, the model's
 DiffusionScheduler), so concurrent requests share onnxruntime runs. Applying a task to a model of
 the wrong family is a FailedPrecondition (as gen.v1's proto says: Translate on a GAN).
 
