@@ -330,7 +330,9 @@ def _client_options(fn):
                       help="Read the bearer token from this file.")(fn)
     fn = click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False),
                       help="PEM CA (or the server's certificate): connect with TLS.")(fn)
-    fn = click.option("--server", default="127.0.0.1:50051", show_default=True, help="HOST:PORT of `gen serve`.")(fn)
+    fn = click.option("--server", default="127.0.0.1:50051", show_default=True,
+                      help="HOST:PORT of `gen serve`; replicas: IP:PORT,IP:PORT,... or dns:///NAME:PORT "
+                      "(calls go round-robin).")(fn)
     fn = click.option("--model", required=True, help="Model name (see ListModels / `gen models`).")(fn)
     fn = click.option("--version", "version", type=int, default=0, help="Model version. [default: latest]")(fn)
     fn = click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")(fn)
@@ -348,7 +350,10 @@ def _connect(server: str, timeout: float, security: dict):
         if not token:
             raise UserError(f"--token-file {token_file}: holds no token")
     roots = open(tls_ca, "rb").read() if tls_ca else None
-    return GenClient(server, timeout=timeout, token=token or None, root_certificates=roots)
+    try:
+        return GenClient(server, timeout=timeout, token=token or None, root_certificates=roots)
+    except ValueError as e:
+        raise UserError(f"--server {e}") from None
 
 
 def _labels(text: str | None) -> list[int]:
