@@ -159,7 +159,10 @@ def export_cmd(run_dir, name, version, repo, opset, fp16, max_batch_size):
 @cli.command("models")
 @click.option("--repo", default="exported", show_default=True, help="The model repository folder.")
 @click.option("--verify", is_flag=True, help="Re-hash every graph file and report broken models.")
-def models_cmd(repo, verify):
+@click.option("--triton", "triton_out", type=click.Path(file_okay=False),
+              help="Instead, write the latest healthy version of every model to this new folder as a Triton "
+              "model repository: <model>.<graph>/<version>/model.onnx and config.pbtxt.")
+def models_cmd(repo, verify, triton_out):
     """List the model repository: name, versions, family, task, graphs, size."""
     from pathlib import Path
 
@@ -168,6 +171,18 @@ def models_cmd(repo, verify):
     root = Path(repo)
     if not root.is_dir():
         raise UserError(f"--repo {repo}: no such folder; export a model with `gen export RUN_DIR --name NAME`")
+    if triton_out:
+        from serve.triton_repository import TritonExportError, write_triton_repository
+
+        try:
+            written = write_triton_repository(root, Path(triton_out))
+        except (TritonExportError, OSError) as e:
+            raise UserError(f"--triton {e}") from None
+        for w in written:
+            click.echo(f"{w.path}/config.pbtxt and {w.version}/model.onnx")
+        click.echo(f"wrote {len(written)} Triton models to {triton_out}: "
+                   f"tritonserver --model-repository {Path(triton_out).resolve()}")
+        return
     entries = scan_repository(root, verify=verify)
     if not entries:
         click.echo(f"{repo}: no models; export one with `gen export RUN_DIR --name NAME`")
