@@ -265,7 +265,7 @@ def test_sigkill_costs_only_the_calls_in_flight(cluster):
         stream, _, channel = stream_on(cluster.target, victim.port)
         killed_at = time.monotonic()
         victim.proc.kill()
-        with pytest.raises(grpc.RpcError) as lost:
+        with pytest.raises(grpc.RpcError):  # the stream in flight on it is lost
             for _ in stream:
                 pass
         channel.close()
@@ -273,7 +273,6 @@ def test_sigkill_costs_only_the_calls_in_flight(cluster):
     victim.proc.wait(timeout=10)
     after = [o for o in load.outcomes if o.started > killed_at + 0.2]
     failures = load.failures()
-    assert lost.value.code() != grpc.StatusCode.OK
     assert all(o.started <= killed_at <= o.ended for o in failures), f"only calls in flight fail: {failures}"
     assert len(failures) <= load.threads
     assert len(after) >= 10 and all(o.code == grpc.StatusCode.OK for o in after)
