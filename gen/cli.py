@@ -163,7 +163,10 @@ def export_cmd(run_dir, name, version, repo, opset, fp16, max_batch_size):
 @cli.command("models")
 @click.option("--repo", default="exported", show_default=True, help="The model repository folder.")
 @click.option("--verify", is_flag=True, help="Re-hash every graph file and report broken models.")
-def models_cmd(repo, verify):
+@click.option("--triton", "triton_out", type=click.Path(file_okay=False),
+              help="Instead, write the latest healthy version of every model to this new folder as a Triton "
+              "model repository: <model>.<graph>/<version>/model.onnx and config.pbtxt.")
+def models_cmd(repo, verify, triton_out):
     """List the model repository: name, versions, family, task, graphs, size."""
     from pathlib import Path
 
@@ -172,6 +175,18 @@ def models_cmd(repo, verify):
     root = Path(repo)
     if not root.is_dir():
         raise UserError(f"--repo {repo}: no such folder; export a model with `gen export RUN_DIR --name NAME`")
+    if triton_out:
+        from serve.triton_repository import TritonExportError, write_triton_repository
+
+        try:
+            written = write_triton_repository(root, Path(triton_out))
+        except (TritonExportError, OSError) as e:
+            raise UserError(f"--triton {e}") from None
+        for w in written:
+            click.echo(f"{w.path}/config.pbtxt and {w.version}/model.onnx")
+        click.echo(f"wrote {len(written)} Triton models to {triton_out}: "
+                   f"tritonserver --model-repository {Path(triton_out).resolve()}")
+        return
     entries = scan_repository(root, verify=verify)
     if not entries:
         click.echo(f"{repo}: no models; export one with `gen export RUN_DIR --name NAME`")
@@ -382,7 +397,9 @@ def _client_options(fn):
                       help="Read the bearer token from this file.")(fn)
     fn = click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False),
                       help="PEM CA (or the server's certificate): connect with TLS.")(fn)
-    fn = click.option("--server", default="127.0.0.1:50051", show_default=True, help="HOST:PORT of `gen serve`.")(fn)
+    fn = click.option("--server", default="127.0.0.1:50051", show_default=True,
+                      help="HOST:PORT of `gen serve`; replicas: IP:PORT,IP:PORT,... or dns:///NAME:PORT "
+                      "(calls go round-robin).")(fn)
     fn = click.option("--model", required=True, help="Model name (see ListModels / `gen models`).")(fn)
     fn = click.option("--version", "version", type=int, default=0, help="Model version. [default: latest]")(fn)
     fn = click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")(fn)
@@ -400,7 +417,10 @@ def _connect(server: str, timeout: float, security: dict):
         if not token:
             raise UserError(f"--token-file {token_file}: holds no token")
     roots = open(tls_ca, "rb").read() if tls_ca else None
-    return GenClient(server, timeout=timeout, token=token or None, root_certificates=roots)
+    try:
+        return GenClient(server, timeout=timeout, token=token or None, root_certificates=roots)
+    except ValueError as e:
+        raise UserError(f"--server {e}") from None
 
 
 def _labels(text: str | None) -> list[int]:

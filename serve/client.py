@@ -5,10 +5,16 @@
         images = client.sample("mnist-cgan", n=10, seed=0, labels=range(10))   # uint8 NHWC
         for event in client.generate("mnist-diffusion", n=4, steps=50, labels=[3]):
             ...  # Progress events, then the result
+
+Several replicas: `GenClient("10.0.0.1:50051,10.0.0.2:50051")` or `GenClient("dns:///gen.default.svc:50051")`
+(every address the name resolves to, e.g. a headless Kubernetes Service) spreads calls over them one call
+at a time (gRPC's round_robin); a Generate stream stays on the replica it started on.
 """
 from __future__ import annotations
 
 import io
+import ipaddress
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -22,6 +28,16 @@ from serve.images import grid
 from serve.wire import tensor_from_pb, tensor_to_pb
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],  # per call over every address, not one pinned connection
+    # A call a replica could not take (it was draining or went away before answering) is UNAVAILABLE; the
+    # next attempt goes to another replica. Safe: every call of the API can run twice (a seeded call returns
+    # the same images, an unseeded one other valid images; loading or unloading twice is loading once).
+    # A stream is not retried once its first event has arrived.
+    "methodConfig": [{"name": [{}], "retryPolicy": {
+        "maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"]}}],
+})
 
 
 @dataclass
@@ -75,13 +91,40 @@ def _image_bytes(images: Iterable[bytes | np.ndarray]) -> list[bytes]:
     return [im if isinstance(im, (bytes, bytearray)) else encode_png(np.asarray(im, np.uint8)) for im in images]
 
 
+def channel_target(server: str) -> str:
+    """A gRPC target for `server`: HOST:PORT, several comma-separated IP:PORT (one channel over all of them),
+    or a gRPC target name as it is (dns:///NAME:PORT, ipv4:..., unix:...). ValueError says what to write."""
+    server = server.strip()
+    if "," not in server or ":/" in server or server.startswith(("ipv4:", "ipv6:")):
+        return server
+    parts = [p.strip() for p in server.split(",") if p.strip()]
+    families = set()
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ValueError(f"{part}: several servers must be IP:PORT each (for a host name that resolves to "
+                             "every replica use dns:///NAME:PORT)") from None
+        if not (sep and port.isdigit()):
+            raise ValueError(f"{part}: give the port, IP:PORT")
+        families.add(f"ipv{address.version}")
+    if len(families) > 1:
+        raise ValueError(f"{server}: use only IPv4 or only IPv6 addresses in one list")
+    return f"{families.pop()}:{','.join(parts)}"
+
+
 class GenClient:
-    """Blocking client. `target` is HOST:PORT; `token` adds a bearer token; `root_certificates` enables TLS."""
+    """Blocking client. `target` is HOST:PORT, several comma-separated IP:PORT or a gRPC target name such as
+    dns:///NAME:PORT (calls go round-robin over every address); `token` adds a bearer token;
+    `root_certificates` enables TLS."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None, token: str | None = None,
                  root_certificates: bytes | None = None):
+        target = channel_target(target)
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.service_config", SERVICE_CONFIG)]
         if root_certificates is not None:
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options)
         else:

@@ -32,10 +32,11 @@ class RunningServer:
         return f"127.0.0.1:{self.port}"
 
 
-def start_server(repo: str | Path, *args: str, timeout: float = 120, env: dict | None = None) -> RunningServer:
-    """`python -m gen serve --repo REPO --port 0 ARGS` on 127.0.0.1; returns once it is ready."""
+def start_server(repo: str | Path, *args: str, port: int = 0, timeout: float = 120,
+                 env: dict | None = None) -> RunningServer:
+    """`python -m gen serve --repo REPO --port PORT ARGS` on 127.0.0.1 (port 0: a free one); returns once ready."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "gen", "serve", "--repo", str(repo), "--port", "0", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "gen", "serve", "--repo", str(repo), "--port", str(port), *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + timeout
     seen: list[str] = []
