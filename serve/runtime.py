@@ -8,9 +8,10 @@
         ...
 
 Every task validates its arguments first (serve/validate.py: InvalidArgument naming the field), resolves the
-model (serve.repository) and its family's spec (serve/families.py: which graph does what), then goes through the graph's DynamicBatcher (or, for diffusion, the model's
-DiffusionScheduler), so concurrent requests share onnxruntime runs. Applying a task to a model of
-the wrong family is a FailedPrecondition (as gen.v1's proto says: Translate on a GAN).
+model (serve.repository) and its family's spec (serve/families.py: which graph does what), then goes through
+the graph's DynamicBatcher (or, for diffusion, the model's DiffusionScheduler), so concurrent requests share
+onnxruntime runs. Applying a task to a model of the wrong family is a FailedPrecondition (as gen.v1's proto
+says: Translate on a GAN).
 
 Determinism: sample i of a request with seed s draws its latent (or x_T and the per-step noise) from
 np.random.default_rng(np.random.SeedSequence([s, i])), so n=4 gives the first four images of n=8 and
