@@ -33,6 +33,8 @@ class CycleGANConfig(FamilyConfig):
     batch_size: int = 1  # the reference batch size
     width: int = 32  # base channels of all four nets (reference: 64; 32 is 4x cheaper on CPU at 32x32)
     n_blocks: int = 6  # residual blocks: the reference uses 6 below 256x256, 9 at 256
+    norm: str = "instance"  # generators' normalisation: instance | batch | none
+    residual: bool = False  # generators output clamp(input + change): the identity map is where they start
     gan_loss: str = "lsgan"
     lambda_cycle: float = 10.0
     lambda_identity: float = 0.5  # multiplied by lambda_cycle, as in the reference
@@ -43,11 +45,11 @@ class CycleGANConfig(FamilyConfig):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, norm: str = "instance"):
         super().__init__()
         self.block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), norm_layer("instance", dim), nn.ReLU(),
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), norm_layer("instance", dim))
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), norm_layer(norm, dim), nn.ReLU(),
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), norm_layer(norm, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.block(x)
@@ -56,22 +58,28 @@ class ResnetBlock(nn.Module):
 class ResnetGenerator(nn.Module):
     """c7s1-w, d2w, d4w, n_blocks x R4w, u2w, uw, c7s1-C, tanh (reference: ResnetGenerator)."""
 
-    def __init__(self, channels: int, width: int = 64, n_blocks: int = 6):
+    def __init__(self, channels: int, width: int = 64, n_blocks: int = 6, norm: str = "instance",
+                 residual: bool = False):
         super().__init__()
+        self.residual = residual
         w = width
         layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(channels, w, 7),
-                                   norm_layer("instance", w), nn.ReLU()]
+                                   norm_layer(norm, w), nn.ReLU()]
         for mult in (1, 2):
-            layers += [nn.Conv2d(w * mult, w * mult * 2, 3, 2, 1), norm_layer("instance", w * mult * 2),
+            layers += [nn.Conv2d(w * mult, w * mult * 2, 3, 2, 1), norm_layer(norm, w * mult * 2),
                        nn.ReLU()]
-        layers += [ResnetBlock(w * 4) for _ in range(n_blocks)]
+        layers += [ResnetBlock(w * 4, norm) for _ in range(n_blocks)]
         for mult in (4, 2):
             layers += [nn.ConvTranspose2d(w * mult, w * mult // 2, 3, 2, 1, output_padding=1),
-                       norm_layer("instance", w * mult // 2), nn.ReLU()]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(w, channels, 7), nn.Tanh()]
+                       norm_layer(norm, w * mult // 2), nn.ReLU()]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(w, channels, 7)]
+        if not residual:
+            layers.append(nn.Tanh())
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.residual:
+            return torch.clamp(x + self.net(x), -1.0, 1.0)
         return self.net(x)
 
 
@@ -120,7 +128,7 @@ class CycleGAN(Family):
         c, ch = config, info.channels
         # G_ab: A -> B, G_ba: B -> A; D_a judges domain A images (real a vs G_ba(b)), D_b domain B.
         for name in ("generator_ab", "generator_ba"):
-            self.add_net(name, init_weights(ResnetGenerator(ch, c.width, c.n_blocks)))
+            self.add_net(name, init_weights(ResnetGenerator(ch, c.width, c.n_blocks, c.norm, c.residual)))
         for name in ("discriminator_a", "discriminator_b"):
             self.add_net(name, init_weights(PatchGAN(ch, c.width, norm="instance", image_size=info.size)))
         # one optimiser per side over both networks, as in the reference
@@ -146,6 +154,8 @@ class CycleGAN(Family):
             raise ConfigError(f"--set width={config.width} must be at least 1")
         if config.n_blocks < 0:
             raise ConfigError(f"--set n_blocks={config.n_blocks} must be at least 0")
+        if config.norm not in ("instance", "batch", "none"):
+            raise ConfigError(f"--set norm={config.norm} is not supported: use instance, batch or none")
         if config.gan_loss not in GAN_LOSSES:
             raise ConfigError(f"--set gan_loss={config.gan_loss} is not supported: use one of "
                               f"{', '.join(GAN_LOSSES)}")
