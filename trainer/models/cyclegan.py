@@ -43,6 +43,7 @@ class CycleGANConfig(FamilyConfig):
     n_blocks: int = 6  # residual blocks: the reference uses 6 below 256x256, 9 at 256
     norm: str = "instance"  # generators' normalisation: instance | batch | none
     residual: bool = True  # generators output clamp(input + change); false: the reference's tanh output
+    downsamplings: int = -1  # generators' stride-2 stages; -1: the reference's 2, or 1 below 64x64
     gan_loss: str = "lsgan"
     lambda_cycle: float = 10.0
     lambda_identity: float = 0.5  # multiplied by lambda_cycle, as in the reference
@@ -67,19 +68,20 @@ class ResnetGenerator(nn.Module):
     """c7s1-w, d2w, d4w, n_blocks x R4w, u2w, uw, c7s1-C, tanh (reference: ResnetGenerator)."""
 
     def __init__(self, channels: int, width: int = 64, n_blocks: int = 6, norm: str = "instance",
-                 residual: bool = False):
+                 residual: bool = False, downsamplings: int = 2):
         super().__init__()
         self.residual = residual
         w = width
         layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(channels, w, 7),
                                    norm_layer(norm, w), nn.ReLU()]
-        for mult in (1, 2):
+        mults = [2**i for i in range(downsamplings)]
+        for mult in mults:
             layers += [nn.Conv2d(w * mult, w * mult * 2, 3, 2, 1), norm_layer(norm, w * mult * 2),
                        nn.ReLU()]
-        layers += [ResnetBlock(w * 4, norm) for _ in range(n_blocks)]
-        for mult in (4, 2):
-            layers += [nn.ConvTranspose2d(w * mult, w * mult // 2, 3, 2, 1, output_padding=1),
-                       norm_layer(norm, w * mult // 2), nn.ReLU()]
+        layers += [ResnetBlock(w * 2**downsamplings, norm) for _ in range(n_blocks)]
+        for mult in reversed(mults):
+            layers += [nn.ConvTranspose2d(w * mult * 2, w * mult, 3, 2, 1, output_padding=1),
+                       norm_layer(norm, w * mult), nn.ReLU()]
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(w, channels, 7)]
         if not residual:
             layers.append(nn.Tanh())
@@ -89,6 +91,14 @@ class ResnetGenerator(nn.Module):
         if self.residual:
             return torch.clamp(x + self.net(x), -1.0, 1.0)
         return self.net(x)
+
+
+def generator_downsamplings(config: CycleGANConfig, size: int) -> int:
+    """The reference's two stride-2 stages leave 64x64 of a 256x256 image but 8x8 of a 32x32 one, too
+    coarse to say where a small shape's edge is: below 64x64, one stage (16x16 at 32x32)."""
+    if config.downsamplings >= 0:
+        return config.downsamplings
+    return 2 if size >= 64 else 1
 
 
 class ImagePool:
@@ -136,7 +146,8 @@ class CycleGAN(Family):
         c, ch = config, info.channels
         # G_ab: A -> B, G_ba: B -> A; D_a judges domain A images (real a vs G_ba(b)), D_b domain B.
         for name in ("generator_ab", "generator_ba"):
-            self.add_net(name, init_weights(ResnetGenerator(ch, c.width, c.n_blocks, c.norm, c.residual)))
+            self.add_net(name, init_weights(ResnetGenerator(ch, c.width, c.n_blocks, c.norm, c.residual,
+                                                         generator_downsamplings(c, info.size))))
         for name in ("discriminator_a", "discriminator_b"):
             self.add_net(name, init_weights(PatchGAN(ch, c.width, norm="instance", image_size=info.size)))
         # one optimiser per side over both networks, as in the reference
@@ -165,6 +176,9 @@ class CycleGAN(Family):
         if config.gan_loss not in GAN_LOSSES:
             raise ConfigError(f"--set gan_loss={config.gan_loss} is not supported: use one of "
                               f"{', '.join(GAN_LOSSES)}")
+        if config.downsamplings < -1 or info.size >> max(0, config.downsamplings) < 4:
+            raise ConfigError(f"--set downsamplings={config.downsamplings}: use -1 (automatic) or 0 to "
+                              f"{info.size.bit_length() - 3} for {info.size}x{info.size} images")
         if config.pool_size < 0:
             raise ConfigError(f"--set pool_size={config.pool_size} must be at least 0")
         if config.steps < 1:
