@@ -46,6 +46,10 @@ class CycleGANConfig(FamilyConfig):
     downsamplings: int = -1  # generators' stride-2 stages; -1: the reference's 2, or 1 below 64x64
     gan_loss: str = "lsgan"
     lambda_cycle: float = 10.0
+    # weight of the B->A->B cycle as a fraction of lambda_cycle (the reference's lambda_B / lambda_A). A plain
+    # image cannot say where a striped one's stripes were, so a full-weight B->A->B cycle pays G_ba to hide
+    # them in noise that a plain output should not have
+    cycle_b_scale: float = 1.0
     lambda_identity: float = 0.5  # multiplied by lambda_cycle, as in the reference
     pool_size: int = 50  # past fakes shown to each discriminator (Shrivastava et al. 2017)
     beta1: float = 0.5
@@ -146,8 +150,10 @@ class CycleGAN(Family):
         c, ch = config, info.channels
         # G_ab: A -> B, G_ba: B -> A; D_a judges domain A images (real a vs G_ba(b)), D_b domain B.
         for name in ("generator_ab", "generator_ba"):
-            self.add_net(name, init_weights(ResnetGenerator(ch, c.width, c.n_blocks, c.norm, c.residual,
-                                                         generator_downsamplings(c, info.size))))
+            net = ResnetGenerator(ch, c.width, c.n_blocks, c.norm, c.residual, generator_downsamplings(c, info.size))
+            # N(0, 0.02) weights shrink an unnormalised net's signal at every layer: keep PyTorch's
+            # fan-in scaled init there
+            self.add_net(name, net if c.norm == "none" else init_weights(net))
         for name in ("discriminator_a", "discriminator_b"):
             self.add_net(name, init_weights(PatchGAN(ch, c.width, norm="instance", image_size=info.size)))
         # one optimiser per side over both networks, as in the reference
@@ -179,6 +185,8 @@ class CycleGAN(Family):
         if config.downsamplings < -1 or info.size >> max(0, config.downsamplings) < 4:
             raise ConfigError(f"--set downsamplings={config.downsamplings}: use -1 (automatic) or 0 to "
                               f"{info.size.bit_length() - 3} for {info.size}x{info.size} images")
+        if config.cycle_b_scale < 0:
+            raise ConfigError(f"--set cycle_b_scale={config.cycle_b_scale} must be at least 0")
         if config.pool_size < 0:
             raise ConfigError(f"--set pool_size={config.pool_size} must be at least 0")
         if config.steps < 1:
@@ -197,8 +205,9 @@ class CycleGAN(Family):
         # domain unchanged (identity). Gradients this leaves on D are cleared by D's zero_grad.
         g_gan = (gan_loss(c.gan_loss, D_b(fake_b), True, for_discriminator=False)
                  + gan_loss(c.gan_loss, D_a(fake_a), True, for_discriminator=False))
-        cycle = F.l1_loss(G_ba(fake_b), a) + F.l1_loss(G_ab(fake_a), b)
-        loss = g_gan + c.lambda_cycle * cycle
+        cycle_a, cycle_b = F.l1_loss(G_ba(fake_b), a), F.l1_loss(G_ab(fake_a), b)
+        cycle = cycle_a + cycle_b
+        loss = g_gan + c.lambda_cycle * (cycle_a + c.cycle_b_scale * cycle_b)
         identity = torch.zeros((), device=self.device)
         if c.lambda_identity > 0:
             identity = F.l1_loss(G_ab(b), b) + F.l1_loss(G_ba(a), a)

@@ -76,6 +76,20 @@ def test_check():
         CycleGAN.check(CycleGANConfig(downsamplings=4), INFO)
     with pytest.raises(ConfigError, match="--set norm"):
         CycleGAN.check(CycleGANConfig(norm="group"), INFO)
+    with pytest.raises(ConfigError, match="--set cycle_b_scale"):
+        CycleGAN.check(CycleGANConfig(cycle_b_scale=-0.5), INFO)
+
+
+def test_cycle_b_scale_changes_only_the_weight_of_the_b_cycle():
+    def after_one_step(**kw):
+        torch.manual_seed(0)
+        m = make(**kw)
+        m.train_step(batches(1)[0], 0)
+        return m.nets["generator_ab"].state_dict()
+
+    default, scaled_1, scaled_0 = after_one_step(), after_one_step(cycle_b_scale=1.0), after_one_step(cycle_b_scale=0.0)
+    assert all(torch.equal(default[k], scaled_1[k]) for k in default)
+    assert any(not torch.equal(default[k], scaled_0[k]) for k in default)
 
 
 def test_defaults_follow_the_reference():
