@@ -226,9 +226,11 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, 
 
     Generators: Frechet distance in the feature space of a classifier trained on the training split,
     next to the real-vs-real baseline, and per-class accuracy of conditional samples; VAE also the
-    class accuracy of held-out reconstructions. pix2pix: L1 and PSNR on held-out pairs. CycleGAN:
-    domain-classifier accuracy of translations both ways and cycle L1. Classifiers are trained once
-    and cached in $GEN_CACHE (default ~/.cache/gen). Nothing is downloaded.
+    class accuracy of held-out reconstructions. pix2pix: L1 and PSNR on held-out pairs (on the embedded
+    shapes also the shapes' colour error against the target). CycleGAN: domain-classifier accuracy of
+    translations both ways and cycle L1 (on the embedded stripes also colour error and shape IoU: does
+    the translation keep the shape and its colour). Classifiers are trained once and cached in
+    $GEN_CACHE (default ~/.cache/gen). Nothing is downloaded.
     """
     import json
     from pathlib import Path

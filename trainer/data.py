@@ -17,6 +17,7 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from trainer.models.base import DataInfo
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 EMBEDDED = {"images": ("mnist", "digits"), "paired": ("shapes",), "unpaired": ("stripes",)}
 DEFAULT_DATA = {"images": "mnist", "paired": "shapes", "unpaired": "stripes"}
+EMBEDDED_TRAIN = 2000  # shapes and stripes: the first 2,000 (pairs or per domain) train, the next 200 are held out
 
 
 class DataError(ValueError):
@@ -92,12 +94,12 @@ def _embedded(name: str, kind: str, size: int, channels: int | None) -> Dataset:
         a, b = render_shapes(2200, size, seed=0)
         a, b = _to_channels(a, channels or 3), _to_channels(b, channels or 3)
     else:
-        a, _ = render_stripes(2200, size, seed=1, striped=False)
-        b, _ = render_stripes(2200, size, seed=2, striped=True)
-        a, b = _to_channels(a, channels or 3), _to_channels(b, channels or 3)
+        scenes_a, scenes_b = stripes_scenes(size)
+        a, b = _to_channels(scenes_a.images, channels or 3), _to_channels(scenes_b.images, channels or 3)
     a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
     info = DataInfo(kind=kind, channels=a.shape[1], size=size)
-    return Dataset(info, (a_t[:2000], b_t[:2000]), (a_t[2000:], b_t[2000:]), name)
+    n = EMBEDDED_TRAIN
+    return Dataset(info, (a_t[:n], b_t[:n]), (a_t[n:], b_t[n:]), name)
 
 
 def _shape_masks(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray):
@@ -140,24 +142,48 @@ def render_shapes(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]
     return to_u8(a), to_u8(b)
 
 
-def render_stripes(n: int, size: int, seed: int, striped: bool) -> tuple[np.ndarray, np.ndarray]:
+class Scenes(NamedTuple):
+    """Rendered single-shape images and what was drawn in them."""
+
+    images: np.ndarray  # uint8 [N, 3, H, W]
+    kinds: np.ndarray  # int64 [N]: 0 circle, 1 square, 2 triangle
+    masks: np.ndarray  # bool [N, H, W]: the shape's pixels
+    colours: np.ndarray  # uint8 [N, 3]: the shape's flat colour (stripes are white on top of it)
+
+    def select(self, index) -> Scenes:
+        return Scenes(*(field[index] for field in self))
+
+
+STRIPE_WHITE = 250.0  # the stripes' colour; shape colours stay at or below 200 in every channel
+
+
+def render_stripes(n: int, size: int, seed: int, striped: bool) -> Scenes:
     """Unpaired domains: plain-coloured shapes, or the same kind of shapes filled with diagonal stripes."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     period = max(4.0, size / 6)
     out = np.empty((n, size, size, 3), np.float32)
     kinds = np.empty(n, np.int64)
+    masks = np.empty((n, size, size), bool)
+    colours = np.empty((n, 3), np.float32)
     for i in range(n):
         out[i] = rng.uniform(190, 235)  # light grey background
-        kinds[i], mask, _, _ = _shape_masks(rng, size, yy, xx)
-        colour = rng.uniform(20, 200, 3).astype(np.float32)
-        fill = np.broadcast_to(colour, (size, size, 3)).copy()
+        kinds[i], masks[i], _, _ = _shape_masks(rng, size, yy, xx)
+        colours[i] = rng.uniform(20, 200, 3)
+        fill = np.broadcast_to(colours[i], (size, size, 3)).copy()
         if striped:
             phase = rng.uniform(0, period)
             stripe = ((xx + yy + phase) % period) < period / 2
-            fill[stripe] = 250.0
-        out[i][mask] = fill[mask]
-    return out.round().clip(0, 255).astype(np.uint8).transpose(0, 3, 1, 2), kinds
+            fill[stripe] = STRIPE_WHITE
+        out[i][masks[i]] = fill[masks[i]]
+    to_u8 = lambda x: x.round().clip(0, 255).astype(np.uint8)  # noqa: E731
+    return Scenes(to_u8(out).transpose(0, 3, 1, 2), kinds, masks, to_u8(colours))
+
+
+@functools.lru_cache(maxsize=4)
+def stripes_scenes(size: int) -> tuple[Scenes, Scenes]:
+    """The embedded `stripes` data, domain A (plain) and B (striped); the last 200 of each are held out."""
+    return render_stripes(2200, size, seed=1, striped=False), render_stripes(2200, size, seed=2, striped=True)
 
 
 # --- folders -------------------------------------------------------------------------------------

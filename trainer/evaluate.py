@@ -9,9 +9,14 @@ dataset it was trained on:
   to the real-vs-real baseline (training images vs held-out images, the same count); for conditional
   models, the classifier's accuracy on samples of each requested class. VAE: also the classifier's
   accuracy on reconstructions of held-out images.
-- pix2pix: L1 and PSNR of translated held-out sources against their targets, images in [0, 1].
+- pix2pix: L1 and PSNR of translated held-out sources against their targets, images in [0, 1]; on the
+  embedded `shapes`, also the colour error against the target (below).
 - cyclegan: a domain classifier's accuracy on translated held-out images (A->B must look like B, and
-  B->A like A), and the cycle L1 |F(G(a)) - a| and |G(F(b)) - b|.
+  B->A like A), and the cycle L1 |F(G(a)) - a| and |G(F(b)) - b|. On the embedded `stripes`, whose
+  renderer says where each shape is and what colour it has, also whether a translation keeps them:
+  colour error (the median over images of the L2 distance, in 0-255 RGB, between the shape's colour and
+  the output's mean colour inside the shape's mask, stripe-white pixels left out) and shape IoU (the mean
+  over images of the IoU between the shape's mask and the output's foreground).
 
 Classifiers are cached under $GEN_CACHE (default ~/.cache/gen), keyed by their training data.
 """
@@ -31,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.data import load_dataset
+from trainer.data import EMBEDDED_TRAIN, load_dataset, stripes_scenes
 from trainer.loop import atomic_write
 
 CLASSIFIER_VERSION = 1  # bump when the classifier's architecture or training changes: invalidates caches
@@ -327,8 +332,12 @@ def _pix2pix(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -> 
     err = (out - targets) / 2  # in [0, 1] units
     mse = np.maximum((err ** 2).reshape(len(err), -1).mean(1), 1e-10)
     report.add("L1", np.abs(err).mean())
-    report.add("PSNR", (10 * np.log10(1.0 / mse)).mean(), " dB", at_least=20.0)
+    report.add("PSNR", (10 * np.log10(1.0 / mse)).mean(), " dB", at_least=24.0)
     report.details["pairs"] = len(sources)
+    if report.dataset == "shapes" and sources.shape[1] == 3 and m.provenance.get("trained_with", {}).get(
+            "direction", "AtoB") == "AtoB":  # the source is the label map: its colours say where each shape is
+        errors = region_colour_errors(out, targets, label_regions(data.test[0].numpy()))
+        report.add("colour error vs target", float(np.median(errors)), at_most=COLOUR_ERROR_BAR)
 
 
 def _cyclegan(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -> None:
@@ -347,10 +356,84 @@ def _cyclegan(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) ->
     bab = _map(lambda x: _translated(rt.translate(m.name, x, "AtoB")), ba, cfg.request_size)
     _, pred_ab = net.predict(ab)
     _, pred_ba = net.predict(ba)
-    report.add("A->B looks like B", (pred_ab == 1).mean(), "%", at_least=0.90)
-    report.add("B->A looks like A", (pred_ba == 0).mean(), "%", at_least=0.90)
-    report.add("cycle L1 A->B->A", np.abs((aba - a) / 2).mean(), at_most=0.1)
-    report.add("cycle L1 B->A->B", np.abs((bab - b) / 2).mean(), at_most=0.1)
+    report.add("A->B looks like B", (pred_ab == 1).mean(), "%", at_least=0.95)
+    report.add("B->A looks like A", (pred_ba == 0).mean(), "%", at_least=0.95)
+    report.add("cycle L1 A->B->A", np.abs((aba - a) / 2).mean(), at_most=0.05)
+    report.add("cycle L1 B->A->B", np.abs((bab - b) / 2).mean(), at_most=0.05)
+    if report.dataset == "stripes" and a.shape[1] == 3:  # the renderer knows each shape's mask and colour
+        held_a, held_b = (scenes.select(slice(EMBEDDED_TRAIN, None)) for scenes in stripes_scenes(a.shape[-1]))
+        for name, out, truth in (("A->B", ab, held_a), ("B->A", ba, held_b)):
+            report.add(f"colour error {name}", float(np.median(colour_errors(out, truth.masks, truth.colours))),
+                       at_most=COLOUR_ERROR_BAR)
+            report.add(f"shape IoU {name}", float(shape_ious(out, truth.masks).mean()), at_least=SHAPE_IOU_BAR)
+
+
+# --- does a translation keep the shape and its colour? ---------------------------------------------
+
+COLOUR_ERROR_BAR = 25.0  # 0-255 RGB L2; a perfect translator's outputs, rounded to 8 bits, score about 0.5
+SHAPE_IOU_BAR = 0.75
+STRIPE_MIN = 225.0  # every channel at least this: a stripe (250), never a shape colour (each channel <= 200)
+FOREGROUND_DISTANCE = 20.0  # 0-255 RGB L2 from the background colour beyond which a pixel is foreground
+
+
+def to_rgb255(images: np.ndarray) -> np.ndarray:
+    """[N, 3, H, W] images in [-1, 1] -> [N, H, W, 3] float64 in 0-255."""
+    return (np.asarray(images, np.float64).transpose(0, 2, 3, 1) + 1.0) * 127.5
+
+
+def colour_errors(images: np.ndarray, masks: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """Per image, the L2 distance (0-255 RGB) between `colours[i]` and the mean colour of images[i]
+    inside masks[i], stripe-white pixels left out (all of them when the shape is nothing but white)."""
+    rgb, truth = to_rgb255(images), np.asarray(colours, np.float64)
+    errors = np.empty(len(rgb))
+    for i, (im, mask) in enumerate(zip(rgb, masks)):
+        inside = im[mask]
+        kept = inside[~(inside >= STRIPE_MIN).all(1)]
+        mean = (kept if len(kept) else inside).mean(0)
+        errors[i] = np.linalg.norm(mean - truth[i])
+    return errors
+
+
+def foreground(images: np.ndarray) -> np.ndarray:
+    """bool [N, H, W]: pixels farther than FOREGROUND_DISTANCE from the background colour, which is taken
+    as the per-channel median of the image's border (a shape covers less than half of it)."""
+    rgb = to_rgb255(images)
+    border = np.concatenate([rgb[:, 0], rgb[:, -1], rgb[:, 1:-1, 0], rgb[:, 1:-1, -1]], 1)
+    background = np.median(border, 1)[:, None, None, :]
+    return np.linalg.norm(rgb - background, axis=-1) > FOREGROUND_DISTANCE
+
+
+def shape_ious(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per image, the IoU between masks[i] and the foreground of images[i]."""
+    fg, masks = foreground(images), np.asarray(masks, bool)
+    union = (fg | masks).sum((1, 2))
+    return np.where(union > 0, (fg & masks).sum((1, 2)) / np.maximum(union, 1), 1.0)
+
+
+def label_regions(label_maps: np.ndarray) -> np.ndarray:
+    """int [N, H, W] region ids from uint8 [N, 3, H, W] label maps: -1 where black (background), else the
+    index of the pixel's colour among the image's distinct colours."""
+    maps = np.asarray(label_maps).transpose(0, 2, 3, 1)
+    regions = np.full(maps.shape[:3], -1, np.int64)
+    for i, m in enumerate(maps):
+        colours, ids = np.unique(m.reshape(-1, m.shape[-1]), axis=0, return_inverse=True)
+        ids = ids.reshape(m.shape[:2])
+        for k, c in enumerate(colours):
+            if c.any():
+                regions[i][ids == k] = k
+    return regions
+
+
+def region_colour_errors(images: np.ndarray, targets: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """Per image, the mean over its regions of the L2 distance (0-255 RGB) between the output's and the
+    target's mean colours inside the region; 0 for an image without regions."""
+    out, tgt = to_rgb255(images), to_rgb255(targets)
+    errors = np.zeros(len(out))
+    for i, r in enumerate(regions):
+        ids = [k for k in np.unique(r) if k >= 0]
+        if ids:
+            errors[i] = np.mean([np.linalg.norm(out[i][r == k].mean(0) - tgt[i][r == k].mean(0)) for k in ids])
+    return errors
 
 
 async def _translated(call) -> np.ndarray:

@@ -45,7 +45,9 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels)
     if kind == "instance":
         return nn.InstanceNorm2d(channels, affine=False)
-    raise ValueError(f"unknown norm {kind!r}: use batch or instance")
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}: use batch, instance or none")
 
 
 class PatchGAN(nn.Module):

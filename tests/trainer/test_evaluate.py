@@ -9,8 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data import load_dataset
-from trainer.evaluate import EvalConfig, EvalError, classifier_for, evaluate, frechet_distance, quantise
+from trainer.data import STRIPE_WHITE, load_dataset, render_shapes, render_stripes
+from trainer.evaluate import (
+    EvalConfig,
+    EvalError,
+    classifier_for,
+    colour_errors,
+    evaluate,
+    frechet_distance,
+    label_regions,
+    quantise,
+    region_colour_errors,
+    shape_ious,
+)
 
 
 def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
@@ -59,8 +70,9 @@ def test_every_family_is_scored_through_the_runtime(tiny_repo, cache):
         "tiny-vae": {"frechet distance", "frechet real-vs-real", "reconstruction accuracy", "class accuracy"},
         "tiny-gan": {"frechet distance", "frechet real-vs-real", "class accuracy"},
         "tiny-diffusion": {"frechet distance", "class accuracy"},
-        "tiny-pix2pix": {"L1", "PSNR"},
-        "tiny-cyclegan": {"A->B looks like B", "B->A looks like A", "cycle L1 A->B->A", "cycle L1 B->A->B"},
+        "tiny-pix2pix": {"L1", "PSNR", "colour error vs target"},
+        "tiny-cyclegan": {"A->B looks like B", "B->A looks like A", "cycle L1 A->B->A", "cycle L1 B->A->B",
+                          "colour error A->B", "shape IoU A->B", "colour error B->A", "shape IoU B->A"},
     }
     for model, names in expected.items():
         report = evaluate(tiny_repo / "exported", model, config=config, log=lambda m: None)
@@ -89,6 +101,78 @@ def test_pix2pix_scores_match_a_direct_onnxruntime_computation(tiny_repo, cache)
     assert metrics["PSNR"] == pytest.approx(psnr, abs=1e-3)
     assert metrics["L1"] == pytest.approx(np.abs(err).mean(), abs=1e-5)
     assert report.details["pairs"] == len(src) == 200
+
+
+def _float(images: np.ndarray) -> np.ndarray:
+    return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
+def _striped(scenes) -> np.ndarray:
+    """What a perfect plain -> striped translator draws: the same scene, stripes on the shape."""
+    size = scenes.images.shape[-1]
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    period = max(4.0, size / 6)
+    out = scenes.images.copy()
+    for i, mask in enumerate(scenes.masks):
+        stripe = mask & (((xx + yy + i) % period) < period / 2)
+        out[i][:, stripe] = STRIPE_WHITE
+    return out
+
+
+def _plain(scenes) -> np.ndarray:
+    """What a perfect striped -> plain translator draws: the shape filled with its colour."""
+    out = scenes.images.copy()
+    for i, mask in enumerate(scenes.masks):
+        out[i][:, mask] = scenes.colours[i][:, None]
+    return out
+
+
+def test_translation_metrics_of_a_perfect_translator():
+    plain, striped = render_stripes(60, 32, seed=5, striped=False), render_stripes(60, 32, seed=6, striped=True)
+    for source, output in ((plain, _striped(plain)), (striped, _plain(striped))):
+        assert np.median(colour_errors(_float(output), source.masks, source.colours)) < 1e-3
+        assert shape_ious(_float(output), source.masks).mean() >= 0.95
+    # a shape that lost half its pixels to the background, or whose colour moved by (30, 40, 0)
+    half = plain.images.copy()
+    half[0][:, plain.masks[0] & (np.arange(32) < 16)[None, :]] = half[0][:, 0, :1]
+    shifted = plain.images.astype(np.float32)
+    shifted[1][:, plain.masks[1]] += np.array([[30.0], [40.0], [0.0]])
+    assert shape_ious(_float(half[:1]), plain.masks[:1])[0] == pytest.approx(
+        (plain.masks[0] & (np.arange(32) >= 16)[None, :]).sum() / plain.masks[0].sum())
+    assert colour_errors(_float(shifted[1:2]), plain.masks[1:2], plain.colours[1:2])[0] == pytest.approx(50.0)
+
+
+def test_translation_metrics_of_the_identity():
+    """Returning the input keeps shape and colour (stripes are left out of the colour): what the domain
+    classifier's bar is there to catch, not these."""
+    for scenes in (render_stripes(60, 32, seed=7, striped=False), render_stripes(60, 32, seed=8, striped=True)):
+        errors = colour_errors(_float(scenes.images), scenes.masks, scenes.colours)
+        assert errors.max() < 1e-3  # float32 round trip
+        ious = shape_ious(_float(scenes.images), scenes.masks)
+        assert np.median(ious) == 1.0 and ious.mean() >= 0.95
+
+
+def test_translation_metrics_of_a_constant_image():
+    scenes = render_stripes(20, 32, seed=9, striped=False)
+    grey = np.full_like(scenes.images, 128)
+    errors = colour_errors(_float(grey), scenes.masks, scenes.colours)
+    expected = np.linalg.norm(scenes.colours.astype(np.float64) - 128.0, axis=1)
+    np.testing.assert_allclose(errors, expected, atol=1e-3)
+    assert shape_ious(_float(grey), scenes.masks).max() == 0.0  # no foreground at all
+
+
+def test_pix2pix_colour_error_against_the_target():
+    labels, targets = render_shapes(30, 32, seed=3)
+    regions = label_regions(labels)
+    assert ((regions >= 0) == labels.any(1)).all()  # every coloured pixel of the label map is in a region
+    assert region_colour_errors(_float(targets), _float(targets), regions).max() == 0.0
+    flat = np.full_like(targets, 100)
+    errors = region_colour_errors(_float(flat), _float(targets), regions)
+    rgb = targets.transpose(0, 2, 3, 1).astype(np.float64)
+    i = int(np.argmax(errors))
+    expected = np.mean([np.linalg.norm(rgb[i][regions[i] == k].mean(0) - 100.0)
+                        for k in np.unique(regions[i]) if k >= 0])
+    assert errors[i] == pytest.approx(expected) and errors.min() > 0
 
 
 def test_unknown_model_is_an_eval_error(tiny_repo, cache):

@@ -149,6 +149,13 @@ class Family:
             net.train(mode)
 
 
+def linear_decay(step: int, steps: int, decay_start: float) -> float:
+    """Learning-rate factor of pytorch-CycleGAN-and-pix2pix's "linear" policy: 1 until decay_start *
+    steps, then linear to 0 at `steps`."""
+    start = int(decay_start * steps)
+    return max(0.0, 1.0 - max(0, step - start) / max(1, steps - start))
+
+
 def step_optimizer(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     """zero_grad, backward, step: the three lines every family repeats."""
     opt.zero_grad(set_to_none=True)

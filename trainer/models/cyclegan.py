@@ -4,6 +4,13 @@ Follows junyanz/pytorch-CycleGAN-and-pix2pix: two ResNet generators (reflection 
 norm), two PatchGAN discriminators, least-squares GAN, cycle weight 10, identity weight 0.5 x 10,
 a pool of 50 past fakes per discriminator, Adam(2e-4, 0.5), learning rate decayed linearly to zero
 over the second half of training.
+
+One departure, on by default (`--set residual=false` gives the reference's generator): the generators
+output clamp(input + change) instead of tanh(features). The reference's generator has to rebuild every
+pixel through instance norm, which divides each channel by its spread over the image and so keeps little
+of a flat colour on a flat background: on the embedded stripes its translations (and the cycle's hidden
+code) kept the stripes but turned every shape into a blurred blob of one colour. With the
+input carried through, the generator only has to learn what differs between the domains.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from trainer.models.base import (
     Family,
     FamilyConfig,
     TensorSpec,
+    linear_decay,
     step_optimizer,
 )
 from trainer.models.pix2pix import check_image, triples
@@ -33,8 +41,15 @@ class CycleGANConfig(FamilyConfig):
     batch_size: int = 1  # the reference batch size
     width: int = 32  # base channels of all four nets (reference: 64; 32 is 4x cheaper on CPU at 32x32)
     n_blocks: int = 6  # residual blocks: the reference uses 6 below 256x256, 9 at 256
+    norm: str = "instance"  # generators' normalisation: instance | batch | none
+    residual: bool = True  # generators output clamp(input + change); false: the reference's tanh output
+    downsamplings: int = -1  # generators' stride-2 stages; -1: the reference's 2, or 1 below 64x64
     gan_loss: str = "lsgan"
     lambda_cycle: float = 10.0
+    # weight of the B->A->B cycle as a fraction of lambda_cycle (the reference's lambda_B / lambda_A). A plain
+    # image cannot say where a striped one's stripes were, so a full-weight B->A->B cycle pays G_ba to hide
+    # them in noise that a plain output should not have
+    cycle_b_scale: float = 1.0
     lambda_identity: float = 0.5  # multiplied by lambda_cycle, as in the reference
     pool_size: int = 50  # past fakes shown to each discriminator (Shrivastava et al. 2017)
     beta1: float = 0.5
@@ -43,11 +58,11 @@ class CycleGANConfig(FamilyConfig):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, norm: str = "instance"):
         super().__init__()
         self.block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), norm_layer("instance", dim), nn.ReLU(),
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), norm_layer("instance", dim))
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), norm_layer(norm, dim), nn.ReLU(),
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), norm_layer(norm, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.block(x)
@@ -56,23 +71,38 @@ class ResnetBlock(nn.Module):
 class ResnetGenerator(nn.Module):
     """c7s1-w, d2w, d4w, n_blocks x R4w, u2w, uw, c7s1-C, tanh (reference: ResnetGenerator)."""
 
-    def __init__(self, channels: int, width: int = 64, n_blocks: int = 6):
+    def __init__(self, channels: int, width: int = 64, n_blocks: int = 6, norm: str = "instance",
+                 residual: bool = False, downsamplings: int = 2):
         super().__init__()
+        self.residual = residual
         w = width
         layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(channels, w, 7),
-                                   norm_layer("instance", w), nn.ReLU()]
-        for mult in (1, 2):
-            layers += [nn.Conv2d(w * mult, w * mult * 2, 3, 2, 1), norm_layer("instance", w * mult * 2),
+                                   norm_layer(norm, w), nn.ReLU()]
+        mults = [2**i for i in range(downsamplings)]
+        for mult in mults:
+            layers += [nn.Conv2d(w * mult, w * mult * 2, 3, 2, 1), norm_layer(norm, w * mult * 2),
                        nn.ReLU()]
-        layers += [ResnetBlock(w * 4) for _ in range(n_blocks)]
-        for mult in (4, 2):
-            layers += [nn.ConvTranspose2d(w * mult, w * mult // 2, 3, 2, 1, output_padding=1),
-                       norm_layer("instance", w * mult // 2), nn.ReLU()]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(w, channels, 7), nn.Tanh()]
+        layers += [ResnetBlock(w * 2**downsamplings, norm) for _ in range(n_blocks)]
+        for mult in reversed(mults):
+            layers += [nn.ConvTranspose2d(w * mult * 2, w * mult, 3, 2, 1, output_padding=1),
+                       norm_layer(norm, w * mult), nn.ReLU()]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(w, channels, 7)]
+        if not residual:
+            layers.append(nn.Tanh())
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.residual:
+            return torch.clamp(x + self.net(x), -1.0, 1.0)
         return self.net(x)
+
+
+def generator_downsamplings(config: CycleGANConfig, size: int) -> int:
+    """The reference's two stride-2 stages leave 64x64 of a 256x256 image but 8x8 of a 32x32 one, too
+    coarse to say where a small shape's edge is: below 64x64, one stage (16x16 at 32x32)."""
+    if config.downsamplings >= 0:
+        return config.downsamplings
+    return 2 if size >= 64 else 1
 
 
 class ImagePool:
@@ -119,7 +149,10 @@ class CycleGAN(Family):
         c, ch = config, info.channels
         # G_ab: A -> B, G_ba: B -> A; D_a judges domain A images (real a vs G_ba(b)), D_b domain B.
         for name in ("generator_ab", "generator_ba"):
-            self.add_net(name, init_weights(ResnetGenerator(ch, c.width, c.n_blocks)))
+            net = ResnetGenerator(ch, c.width, c.n_blocks, c.norm, c.residual, generator_downsamplings(c, info.size))
+            # N(0, 0.02) weights shrink an unnormalised net's signal at every layer: keep PyTorch's
+            # fan-in scaled init there
+            self.add_net(name, net if c.norm == "none" else init_weights(net))
         for name in ("discriminator_a", "discriminator_b"):
             self.add_net(name, init_weights(PatchGAN(ch, c.width, norm="instance", image_size=info.size)))
         # one optimiser per side over both networks, as in the reference
@@ -134,9 +167,7 @@ class CycleGAN(Family):
         self.pool_b = ImagePool(c.pool_size)  # fakes G_ab(a) shown to D_b
 
     def lr_factor(self, step: int) -> float:
-        """1 until decay_start * steps, then linear to 0 at `steps` (the reference's "linear" policy)."""
-        start = int(self.config.decay_start * self.config.steps)
-        return max(0.0, 1.0 - max(0, step - start) / max(1, self.config.steps - start))
+        return linear_decay(step, self.config.steps, self.config.decay_start)
 
     @classmethod
     def check(cls, config: CycleGANConfig, info: DataInfo) -> None:
@@ -145,9 +176,16 @@ class CycleGAN(Family):
             raise ConfigError(f"--set width={config.width} must be at least 1")
         if config.n_blocks < 0:
             raise ConfigError(f"--set n_blocks={config.n_blocks} must be at least 0")
+        if config.norm not in ("instance", "batch", "none"):
+            raise ConfigError(f"--set norm={config.norm} is not supported: use instance, batch or none")
         if config.gan_loss not in GAN_LOSSES:
             raise ConfigError(f"--set gan_loss={config.gan_loss} is not supported: use one of "
                               f"{', '.join(GAN_LOSSES)}")
+        if config.downsamplings < -1 or info.size >> max(0, config.downsamplings) < 4:
+            raise ConfigError(f"--set downsamplings={config.downsamplings}: use -1 (automatic) or 0 to "
+                              f"{info.size.bit_length() - 3} for {info.size}x{info.size} images")
+        if config.cycle_b_scale < 0:
+            raise ConfigError(f"--set cycle_b_scale={config.cycle_b_scale} must be at least 0")
         if config.pool_size < 0:
             raise ConfigError(f"--set pool_size={config.pool_size} must be at least 0")
         if config.steps < 1:
@@ -166,8 +204,9 @@ class CycleGAN(Family):
         # domain unchanged (identity). Gradients this leaves on D are cleared by D's zero_grad.
         g_gan = (gan_loss(c.gan_loss, D_b(fake_b), True, for_discriminator=False)
                  + gan_loss(c.gan_loss, D_a(fake_a), True, for_discriminator=False))
-        cycle = F.l1_loss(G_ba(fake_b), a) + F.l1_loss(G_ab(fake_a), b)
-        loss = g_gan + c.lambda_cycle * cycle
+        cycle_a, cycle_b = F.l1_loss(G_ba(fake_b), a), F.l1_loss(G_ab(fake_a), b)
+        cycle = cycle_a + cycle_b
+        loss = g_gan + c.lambda_cycle * (cycle_a + c.cycle_b_scale * cycle_b)
         identity = torch.zeros((), device=self.device)
         if c.lambda_identity > 0:
             identity = F.l1_loss(G_ab(b), b) + F.l1_loss(G_ba(a), a)

@@ -1,7 +1,8 @@
 """pix2pix (Isola et al. 2017): paired image-to-image translation with a conditional GAN.
 
 Follows junyanz/pytorch-CycleGAN-and-pix2pix: a U-Net generator that goes down to 1x1, a PatchGAN
-discriminator that sees (input, output) pairs, the vanilla GAN loss plus 100 x L1, Adam(2e-4, 0.5).
+discriminator that sees (input, output) pairs, the vanilla GAN loss plus 100 x L1, Adam(2e-4, 0.5),
+learning rate decayed linearly to zero over the second half of training.
 The U-Net is sized to the image (log2(size) levels) so it also works on small images.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from trainer.models.base import (
     Family,
     FamilyConfig,
     TensorSpec,
+    linear_decay,
     step_optimizer,
 )
 
@@ -35,6 +37,8 @@ class Pix2PixConfig(FamilyConfig):
     dropout: float = 0.5  # in the innermost decoder levels: the paper's only source of noise
     dropout_levels: int = 3  # how many innermost decoder levels get dropout (the paper's first 3)
     beta1: float = 0.5
+    steps: int = 10_000  # total training steps; the loop sets it from --steps
+    decay_start: float = 0.5  # fraction of `steps` after which the learning rate falls linearly to 0
 
 
 class UNetLevel(nn.Module):
@@ -119,6 +123,9 @@ class Pix2Pix(Family):
         self.optimizers["generator"] = torch.optim.Adam(self.nets["generator"].parameters(), c.lr, betas)
         self.optimizers["discriminator"] = torch.optim.Adam(self.nets["discriminator"].parameters(),
                                                             c.lr, betas)
+        for name, opt in self.optimizers.items():
+            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: linear_decay(step, c.steps, c.decay_start))
 
     @classmethod
     def check(cls, config: Pix2PixConfig, info: DataInfo) -> None:
@@ -132,6 +139,10 @@ class Pix2Pix(Family):
                               f"{', '.join(GAN_LOSSES)}")
         if not 0 <= config.dropout < 1:
             raise ConfigError(f"--set dropout={config.dropout} must be in [0, 1)")
+        if config.steps < 1:
+            raise ConfigError(f"--steps {config.steps} must be at least 1")
+        if not 0 <= config.decay_start <= 1:
+            raise ConfigError(f"--set decay_start={config.decay_start} must be a fraction in [0, 1]")
 
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         c = self.config

@@ -40,6 +40,27 @@ def test_resnet_generator_shapes():
     assert seen == [(2, 16, 8, 8)]  # two stride-2 downsamples, 4 x width channels
 
 
+@pytest.mark.parametrize("size, setting, expected", [(32, -1, 1), (64, -1, 2), (256, -1, 2), (32, 2, 2), (32, 0, 0)])
+def test_generator_downsamplings(size, setting, expected):
+    torch.manual_seed(0)
+    m = CycleGAN(CycleGANConfig(width=4, n_blocks=1, downsamplings=setting), DataInfo("unpaired", 3, size), CPU)
+    net = m.nets["generator_ab"]
+    strided = [mod for mod in net.modules() if isinstance(mod, torch.nn.Conv2d) and mod.stride == (2, 2)]
+    assert len(strided) == expected
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    assert net(x).shape == x.shape
+
+
+def test_residual_generator_is_the_input_plus_a_change():
+    net = ResnetGenerator(3, width=4, n_blocks=1, residual=True, downsamplings=1)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.nn.init.zeros_(net.net[-1].weight)
+    torch.nn.init.zeros_(net.net[-1].bias)
+    assert torch.equal(net(x), x)  # no change: the input itself, whatever it holds
+    torch.nn.init.constant_(net.net[-1].bias, 5.0)
+    assert torch.equal(net(x), torch.ones_like(x))  # clamped to the image range
+
+
 def test_check():
     CycleGAN.check(CycleGANConfig(), INFO)
     CycleGAN.check(CycleGANConfig(), DataInfo("unpaired", 1, 256))
@@ -51,6 +72,24 @@ def test_check():
         CycleGAN.check(CycleGANConfig(decay_start=1.5), INFO)
     with pytest.raises(ConfigError, match="--steps"):
         CycleGAN.check(CycleGANConfig(steps=0), INFO)
+    with pytest.raises(ConfigError, match="--set downsamplings=4"):
+        CycleGAN.check(CycleGANConfig(downsamplings=4), INFO)
+    with pytest.raises(ConfigError, match="--set norm"):
+        CycleGAN.check(CycleGANConfig(norm="group"), INFO)
+    with pytest.raises(ConfigError, match="--set cycle_b_scale"):
+        CycleGAN.check(CycleGANConfig(cycle_b_scale=-0.5), INFO)
+
+
+def test_cycle_b_scale_changes_only_the_weight_of_the_b_cycle():
+    def after_one_step(**kw):
+        torch.manual_seed(0)
+        m = make(**kw)
+        m.train_step(batches(1)[0], 0)
+        return m.nets["generator_ab"].state_dict()
+
+    default, scaled_1, scaled_0 = after_one_step(), after_one_step(cycle_b_scale=1.0), after_one_step(cycle_b_scale=0.0)
+    assert all(torch.equal(default[k], scaled_1[k]) for k in default)
+    assert any(not torch.equal(default[k], scaled_0[k]) for k in default)
 
 
 def test_defaults_follow_the_reference():

@@ -86,6 +86,19 @@ def test_defaults_follow_the_reference():
     assert m.nets["discriminator"].net[0].in_channels == 6
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # no optimiser steps here
+def test_lr_constant_for_the_first_half_then_linear_to_zero():
+    m = make(steps=10)
+    lrs = []
+    for step in range(11):
+        lrs += [opt.param_groups[0]["lr"] for opt in m.optimizers.values()]
+        m.on_step_end(step)
+    expected = [1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2, 0.0]
+    assert lrs == pytest.approx([2e-4 * f for f in expected for _ in range(2)])
+    with pytest.raises(ConfigError, match="--set decay_start"):
+        Pix2Pix.check(Pix2PixConfig(decay_start=-0.1), INFO)
+
+
 def test_train_step_returns_finite_detached_scalars():
     m = make()
     for i, batch in enumerate(batches(2)):
