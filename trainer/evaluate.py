@@ -36,11 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from serve.families import DENOISE, FAMILIES, SAMPLE, FamilySpec
 from trainer.data import EMBEDDED_TRAIN, load_dataset, stripes_scenes
 from trainer.loop import atomic_write
 
 CLASSIFIER_VERSION = 1  # bump when the classifier's architecture or training changes: invalidates caches
-KIND_OF = {"vae": "images", "gan": "images", "diffusion": "images", "pix2pix": "paired", "cyclegan": "unpaired"}
+# quality bars of class accuracy for conditional samples, per family (the project's bars for its shipped models)
+CLASS_ACCURACY_BAR = {"gan": 0.90, "diffusion": 0.95}
 
 
 class EvalError(ValueError):
@@ -210,13 +212,13 @@ async def _chunks(make, n: int, size: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _sample(rt, model: str, family: str, n: int, labels: np.ndarray | None, cfg: EvalConfig) -> np.ndarray:
+def _sample(rt, model: str, spec: FamilySpec, n: int, labels: np.ndarray | None, cfg: EvalConfig) -> np.ndarray:
     """n images, row i from seed cfg.seed + i // request_size so that chunks are independent requests."""
 
     async def one(start: int, count: int) -> np.ndarray:
         lab = None if labels is None else labels[start:start + count].tolist()
         seed = cfg.seed + start
-        if family == "diffusion":
+        if spec.task == DENOISE:
             async for event in rt.generate(model, count, seed=seed, labels=lab, sampler=cfg.sampler,
                                            steps=cfg.steps, guidance=cfg.guidance):
                 result = getattr(event, "result", None)
@@ -251,7 +253,8 @@ def evaluate(repo: str | Path, model: str, version: int | None = None, config: E
             m = rt.manifest(model, version)
         except ServeError as e:
             raise EvalError(e.message) from None
-        kind = KIND_OF[m.family]
+        spec = FAMILIES[m.family]
+        kind = spec.data_kind
         source = m.provenance.get("dataset")
         direction = m.provenance.get("trained_with", {}).get("direction", "AtoB")
         try:
@@ -261,20 +264,23 @@ def evaluate(repo: str | Path, model: str, version: int | None = None, config: E
         if len(data.test[0]) == 0:
             raise EvalError(f"{m.name}: its dataset {source!r} has no held-out split to score against")
         report = Report(m.name, m.version, m.family, str(source))
-        scorer = {"vae": _generator, "gan": _generator, "diffusion": _generator,
-                  "pix2pix": _pix2pix, "cyclegan": _cyclegan}[m.family]
+        # generators are scored on samples; translators on held-out pairs (paired) or both directions (unpaired)
+        scorer = _generator if spec.task in (SAMPLE, DENOISE) else {"paired": _pix2pix, "unpaired": _cyclegan}[kind]
         scorer(rt, m, data, cfg, cache, report, log)
     report.seconds = round(time.perf_counter() - t0, 1)
     return report
 
 
 def _conditional(m) -> bool:
-    graph = {"vae": "decoder", "gan": "generator", "diffusion": "denoiser"}[m.family]
+    spec = FAMILIES[m.family]
+    graph = spec.generator or spec.denoiser
     return bool(m.classes) and any(t.name == "label" for t in m.graphs[graph].inputs)
 
 
 def _generator(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -> None:
     (x_train, y_train), (x_test, y_test) = data.train, data.test
+    spec = FAMILIES[m.family]
+    denoise = spec.task == DENOISE
     if len(m.classes) < 2:
         raise EvalError(f"{m.name}: its dataset {report.dataset!r} has no class labels, and gen eval's feature "
                         "network is a classifier trained on them; use a class-per-folder dataset")
@@ -292,25 +298,25 @@ def _generator(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -
     conditional = _conditional(m)
     labels = (np.arange(cfg.n) % len(m.classes)).astype(np.int64) if conditional else None
     log(f"{m.name}: drawing {cfg.n} samples through the runtime"
-        + (f" ({cfg.sampler}, {cfg.steps} steps)" if m.family == "diffusion" else ""))
+        + (f" ({cfg.sampler}, {cfg.steps} steps)" if denoise else ""))
     t_sample = time.perf_counter()
-    samples = _sample(rt, m.name, m.family, cfg.n, labels, cfg)
+    samples = _sample(rt, m.name, spec, cfg.n, labels, cfg)
     report.details["seconds_per_sample"] = round((time.perf_counter() - t_sample) / cfg.n, 5)
     feats, pred = net.predict(samples)
     fd = frechet_distance(feats[rng.choice(len(feats), n_fd, replace=False)], test_feats)
-    report.add("frechet distance", fd, at_most=3 * baseline if m.family == "diffusion" else None)
+    report.add("frechet distance", fd, at_most=3 * baseline if denoise else None)
     report.add("frechet real-vs-real", baseline)
     report.add("frechet / baseline", fd / baseline if baseline > 0 else float("inf"))
     report.details["frechet_samples"] = n_fd
-    if m.family == "diffusion":  # what drew the samples, so a table can say how its number was produced
+    if denoise:  # what drew the samples, so a table can say how its number was produced
         report.details["sampling"] = {"sampler": cfg.sampler, "steps": cfg.steps,
                                       "guidance": m.default_guidance if cfg.guidance is None else cfg.guidance}
     if conditional:
-        bar = {"gan": 0.90, "diffusion": 0.95}.get(m.family)
+        bar = CLASS_ACCURACY_BAR.get(m.family)
         report.add("class accuracy", (pred == labels).mean(), "%", at_least=bar)
         report.details["class_accuracy"] = {m.classes[k]: round(float((pred[labels == k] == k).mean()), 4)
                                             for k in range(len(m.classes))}
-    if m.family == "vae":
+    if spec.encoder:  # a family that encodes: reconstructions of held-out images too
         log(f"{m.name}: reconstructing {len(x_test)} held-out images")
         enc_labels = y_test.numpy() if _conditional(m) else None
 
