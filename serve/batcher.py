@@ -17,6 +17,7 @@ never run. An exception in a run fails only the requests of that batch.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import concurrent.futures
 import dataclasses
@@ -38,6 +39,23 @@ from serve.errors import (
 )
 
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+# upper bounds (seconds) of the latency histograms that /metrics exports
+BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class Histogram:
+    """Durations counted per bucket (not cumulative; the last bucket is +Inf) and their sum."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS_S) + 1))
+    sum_ns: int = 0
+
+    def observe(self, ns: int) -> None:
+        self.counts[bisect.bisect_left(BUCKETS_S, ns / 1e9)] += 1  # bucket i holds v <= BUCKETS_S[i]
+        self.sum_ns += ns
+
+    def copy(self) -> Histogram:
+        return Histogram(list(self.counts), self.sum_ns)
 
 
 @dataclass
@@ -66,6 +84,14 @@ class Stats:
     compute_output_ns: int = 0
     batch_sizes: dict[int, list[int]] = field(default_factory=dict)  # size -> [count, input, infer, output ns]
     last_inference_ms: int = 0  # unix time of the last run, as Triton reports it
+    request_hist: Histogram = field(default_factory=Histogram)  # per request, queued to answered
+    queue_hist: Histogram = field(default_factory=Histogram)  # per request, until its first run
+    compute_hist: Histogram = field(default_factory=Histogram)  # per run
+
+    def record_queue(self, ns: int) -> None:
+        self.queue_count += 1
+        self.queue_ns += ns
+        self.queue_hist.observe(ns)
 
     def record_run(self, rows: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         self.execution_count += 1
@@ -79,8 +105,10 @@ class Stats:
         entry[2] += infer_ns
         entry[3] += output_ns
         self.last_inference_ms = time.time_ns() // 1_000_000
+        self.compute_hist.observe(input_ns + infer_ns + output_ns)
 
     def record_done(self, duration_ns: int, error: BaseException | None = None) -> None:
+        self.request_hist.observe(duration_ns)
         if error is None:
             self.success_count += 1
             self.success_ns += duration_ns
@@ -102,7 +130,9 @@ class Stats:
     def snapshot(self) -> Stats:
         """A copy (take it under the owner's lock)."""
         return dataclasses.replace(self, failures=dict(self.failures),
-                                   batch_sizes={k: list(v) for k, v in self.batch_sizes.items()})
+                                   batch_sizes={k: list(v) for k, v in self.batch_sizes.items()},
+                                   request_hist=self.request_hist.copy(), queue_hist=self.queue_hist.copy(),
+                                   compute_hist=self.compute_hist.copy())
 
 
 class _Request:
@@ -257,8 +287,7 @@ class DynamicBatcher:
             for req, _, _ in batch:
                 if not req.started:
                     req.started = True
-                    self.stats.queue_count += 1
-                    self.stats.queue_ns += t0 - req.enqueued_ns
+                    self.stats.record_queue(t0 - req.enqueued_ns)
         rows = sum(stop - start for _, start, stop in batch)
         try:
             req0, start0, stop0 = batch[0]

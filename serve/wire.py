@@ -32,6 +32,18 @@ def check_shape(dims, field: str) -> tuple[tuple[int, ...], int]:
     return shape, math.prod(shape)
 
 
+def typed_array(values, dtype: np.dtype, field: str) -> np.ndarray:
+    """Values (a list or protobuf repeated field) as `dtype`; integers outside its range are an error, not a
+    silent wrap-around."""
+    if dtype.kind not in "iu":
+        return np.asarray(values, dtype=dtype)
+    wide = np.asarray(values, dtype=np.int64 if dtype.kind == "i" else np.uint64)
+    info = np.iinfo(dtype)
+    if wide.size and (wide.min() < info.min or wide.max() > info.max):
+        raise InvalidArgument(f"{field}.contents: values must fit {dtype.name} ({info.min} to {info.max})")
+    return wide.astype(dtype)
+
+
 def tensor_to_pb(array: np.ndarray) -> gen_pb.Tensor:
     array = np.ascontiguousarray(array, dtype=np.float32)
     return gen_pb.Tensor(shape=list(array.shape), dtype="float32", data=array.astype("<f4").tobytes())
