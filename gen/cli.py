@@ -434,14 +434,18 @@ def generate_cmd(server, model, version, timeout, output, n, seed, labels, guida
     from serve.client import Images, save_grid
 
     result = None
+    terminal = sys.stderr.isatty()  # a bar redrawn in place; elsewhere (logs, pipes) one line per step
     with _rpc_errors(server), _connect(server, timeout, security) as client:
         for event in client.generate(model, n=n, seed=seed, labels=_labels(labels), guidance=guidance,
                                      sampler=sampler, steps=steps, eta=eta, version=version):
             if isinstance(event, Images):
                 result = event
-            else:
+            elif terminal:
                 click.echo(f"\rstep {event.step}/{event.total}", nl=False, err=True)
-    click.echo("", err=True)
+            else:
+                click.echo(f"step {event.step}/{event.total}", err=True)
+    if terminal:
+        click.echo("", err=True)
     save_grid(result.pixels, output)
     click.echo(f"wrote {output}: {len(result.pixels)} images from {result.model} v{result.version}, "
                f"{sampler} {steps} steps, seed {result.seed}")

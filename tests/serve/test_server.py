@@ -236,7 +236,9 @@ def test_cli_client_commands(server, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size[0] > 32
     proc = gen("generate", "--model", "tiny-diffusion", "-n", "2", "--steps", "3", "-o", str(tmp_path / "g.png"))
-    assert proc.returncode == 0 and "step 3/3" in proc.stderr, proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    steps = [line for line in proc.stderr.splitlines() if line.startswith("step")]
+    assert steps == ["step 1/3", "step 2/3", "step 3/3"], "not a terminal: one line per step, no carriage returns"
     img = tmp_path / "in.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
     proc = gen("translate", "--model", "tiny-cyclegan", "--direction", "BtoA", str(img), "-o", str(tmp_path / "t.png"))
