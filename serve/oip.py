@@ -46,7 +46,7 @@ def request_arrays(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             if len(raw) != count * dtype.itemsize:
                 raise InvalidArgument(f"{field}: {len(raw)} bytes of raw data, shape {list(shape)} of "
                                       f"{tensor.datatype} needs {count * dtype.itemsize}")
-            array = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+            array = np.frombuffer(raw, dtype=dtype).reshape(shape)
         else:
             values = getattr(tensor.contents, CONTENTS_FIELD.get(tensor.datatype, "fp32_contents"))
             if len(values) != count:
@@ -68,7 +68,7 @@ def response_of(model: str, version: int, request: pb.ModelInferRequest,
     for name in wanted:
         array = np.ascontiguousarray(outputs[name])
         resp.outputs.add(name=name, datatype=OIP_DATATYPES[array.dtype.name], shape=list(array.shape))
-        resp.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
+        resp.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
     return resp
 
 

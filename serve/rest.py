@@ -144,7 +144,7 @@ def request_arrays(doc: dict, binary: memoryview) -> dict[str, np.ndarray]:
             if offset + size > len(binary):
                 raise InvalidArgument(f"{field}: the body holds {len(binary) - offset} more bytes of binary data, "
                                       f"binary_data_size says {size}")
-            array = np.frombuffer(binary[offset:offset + size], dtype=dtype.newbyteorder("<")).reshape(shape)
+            array = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
             offset += size
         else:
             if "data" not in tensor:
