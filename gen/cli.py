@@ -248,7 +248,7 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 for all).")
 @click.option("--port", type=int, default=50051, show_default=True, help="gRPC port; 0 picks a free one.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--http-port", type=int, default=8000, show_default=True,
+@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="OIP v2 over HTTP/REST (and /metrics) on this port; 0 picks a free one.")
 @click.option("--no-http", is_flag=True, help="Serve no REST port (gRPC only).")
 @click.option("--metrics-port", type=int, help="Also serve /metrics on this port of its own.")

@@ -210,7 +210,7 @@ def test_metrics_endpoint(server, client):
     client.sample("tiny-gan", n=2, seed=0)
     for port in (server.metrics_port, server.http_port):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            assert resp.headers["Content-Type"].startswith("text/plain; version=")  # the text exposition format
             families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
         labels = {"model": "tiny-gan.generator", "version": "1"}
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
