@@ -219,6 +219,7 @@ class DynamicBatcher:
         self._last_arrival = 0.0
         self._gap_s = math.inf  # between consecutive requests
         self._lone_run_s = 0.0  # of a run of one row: the fixed cost a merged request saves
+        self._holding = False  # the worker waits in _hold
 
     # --- submitting ------------------------------------------------------------------------------
 
@@ -246,7 +247,8 @@ class DynamicBatcher:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"batcher-{self.name}", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if not self._holding or self._untaken >= self.max_batch_size:
+                self._cond.notify()  # a holding worker is woken only by a full batch: each wake-up costs a GIL hand-off
         return req
 
     def submit(self, inputs: dict[str, np.ndarray], deadline: float | None = None) -> concurrent.futures.Future:
@@ -311,14 +313,18 @@ class DynamicBatcher:
         if not self.batching:
             return
         close_at = self._queue[0].enqueued_ns + int(self.max_queue_delay_ms * 1e6)
-        while self._untaken < self.max_batch_size and not self._closed and self._gap_s < self._lone_run_s:
-            wait_ns = close_at - time.perf_counter_ns()
-            if wait_ns <= 0:
-                return
-            arrivals = self._arrivals
-            self._cond.wait(min(wait_ns / 1e9, 2 * self._gap_s))
-            if self._arrivals == arrivals:
-                return  # none came within two gaps: the stream paused
+        self._holding = True
+        try:
+            while self._untaken < self.max_batch_size and not self._closed and self._gap_s < self._lone_run_s:
+                wait_ns = close_at - time.perf_counter_ns()
+                if wait_ns <= 0:
+                    return
+                arrivals = self._arrivals
+                self._cond.wait(min(wait_ns / 1e9, 2 * self._gap_s))
+                if self._arrivals == arrivals:
+                    return  # none came within two gaps: the stream paused
+        finally:
+            self._holding = False
 
     def _take(self) -> tuple[list[tuple[_Request, int, int]], list]:
         """Rows from the head of the queue for one run, as (request, start, stop), and the answers of the
