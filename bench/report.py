@@ -41,6 +41,11 @@ upstream pytriton issue #51).
 """
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b for throughputs; a point where b's side finished no request gives inf (or 0.0 when neither did)."""
+    return a / b if b > 0 else (float("inf") if a > 0 else 0.0)
+
+
 def _f(x: float, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
 
@@ -201,8 +206,8 @@ def _options(rows: list[dict]) -> list[str]:
 def _serving_ratios(s: dict) -> dict:
     at = {r["server"]: r for r in s["rows"] if r["concurrency"] == 32}
     on, off, pt = at.get("gen, batching on"), at.get("gen, batching off"), at.get("PyTriton")
-    return {"vs_off": on["throughput"] / off["throughput"],
-            "vs_pytriton": on["throughput"] / pt["throughput"] if pt else None,
+    return {"vs_off": _ratio(on["throughput"], off["throughput"]),
+            "vs_pytriton": _ratio(on["throughput"], pt["throughput"]) if pt else None,
             "p99_on": on["p99_ms"], "p99_pytriton": pt["p99_ms"] if pt else None}
 
 
@@ -212,7 +217,7 @@ def _policy(s: dict, suffix: str) -> dict | None:
     off = {r["concurrency"]: r for r in s["rows"] if r["server"] == "gen, batching off" + suffix}
     if not on or 1 not in on or 1 not in off:
         return None
-    return {"ratios": {c: on[c]["throughput"] / off[c]["throughput"] for c in on if c in off},
+    return {"ratios": {c: _ratio(on[c]["throughput"], off[c]["throughput"]) for c in on if c in off},
             "p50_on": on[1]["p50_ms"], "p50_off": off[1]["p50_ms"]}
 
 
@@ -257,7 +262,7 @@ def _serving(s: dict, forward: list[dict], plot: str | None) -> list[str]:
                 "the load generator on the same 2 cores, is most of each request's cost, and on a shared machine "
                 "the ratio moves between repeats"
                 + (" (per repeat in this run: " + ", ".join(
-                    f"x{_f(a / b)}" for a, b in zip(at["gen, batching on"]["throughput_samples"],
+                    f"x{_f(_ratio(a, b))}" for a, b in zip(at["gen, batching on"]["throughput_samples"],
                                                      at["PyTriton"]["throughput_samples"])) + ")"
                    if "throughput_samples" in at["PyTriton"] else "")
                 + f"; each point is the median of {s['repeats']} interleaved repeat(s)."]
