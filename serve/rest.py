@@ -310,13 +310,24 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
     return _dict(_json_body(body[:n], "body"), "body"), memoryview(body)[n:]
 
 
+def _middlewares(tokens: list[str]) -> list:
+    return [error_bodies] + ([bearer_auth(tokens)] if tokens else [])
+
+
 def make_app(runtime, *, tokens: list[str], max_bytes: int, allow_repository_control: bool,
              metrics=None) -> web.Application:
     """The REST application; `metrics` (serve.metrics.MetricsEndpoint) adds GET /metrics behind the same auth."""
-    middlewares = [error_bodies] + ([bearer_auth(tokens)] if tokens else [])
-    app = web.Application(middlewares=middlewares, client_max_size=max_bytes)
+    app = web.Application(middlewares=_middlewares(tokens), client_max_size=max_bytes)
     app["max_bytes"] = max_bytes
     app.add_routes(RestHandlers(runtime, allow_repository_control).routes())
     if metrics is not None:
         app.add_routes([web.get("/metrics", metrics.handle)])
+    return app
+
+
+def metrics_app(metrics, *, tokens: list[str]) -> web.Application:
+    """GET /metrics alone (gen serve --metrics-port), behind the same auth as the REST port."""
+    app = web.Application(middlewares=_middlewares(tokens), client_max_size=1024 ** 2)  # GETs only
+    app["max_bytes"] = 1024 ** 2
+    app.add_routes([web.get("/metrics", metrics.handle)])
     return app

@@ -143,9 +143,8 @@ async def _listen(app, host: str, port: int, context: ssl.SSLContext | None, gra
 
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]
+    await web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True).start()
+    return runner, runner.addresses[0][1]
 
 
 class GenServer:
@@ -198,10 +197,8 @@ class GenServer:
 
     async def _start_http(self) -> None:
         """REST on http_port and /metrics on metrics_port: the same auth and TLS as the gRPC port."""
-        from aiohttp import web
-
         from serve.metrics import MetricsEndpoint
-        from serve.rest import error_bodies, make_app
+        from serve.rest import make_app, metrics_app
 
         c = self.config
         context = tls_context(c)
@@ -212,10 +209,7 @@ class GenServer:
             runner, self.http_port = await _listen(app, c.host, c.http_port, context, c.grace_s)
             self._http_runners.append(runner)
         if c.metrics_port is not None:
-            from serve.rest import bearer_auth
-
-            app = web.Application(middlewares=[error_bodies] + ([bearer_auth(c.auth_tokens)] if c.auth_tokens else []))
-            app.add_routes([web.get("/metrics", metrics.handle)])
+            app = metrics_app(metrics, tokens=c.auth_tokens)
             runner, self.metrics_port = await _listen(app, c.host, c.metrics_port, context, c.grace_s)
             self._http_runners.append(runner)
 
