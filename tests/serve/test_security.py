@@ -58,7 +58,7 @@ def gan_repo(tiny_repo, tmp_path_factory):
 def tls_server(gan_repo, pki):
     """TLS plus a token from a file; repository control left off."""
     srv = start_server(gan_repo, "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
-                       "--auth-token-file", str(pki / "token"))
+                       "--auth-token-file", str(pki / "token"), "--metrics-port", "0")
     yield srv
     stop_server(srv)
 
@@ -134,6 +134,15 @@ def test_rest_takes_the_same_tls_and_token(tls_server, pki):
         status, doc = _https(tls_server, pki, "/v2", token)
         assert status == 401 and "bearer token" in doc["error"]
     assert _https(tls_server, pki, "/v2/models/tiny-gan.generator", TOKEN)[0] == 200
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    for port in (tls_server.http_port, tls_server.metrics_port):  # /metrics on both: TLS and the token too
+        url = f"https://127.0.0.1:{port}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(url, timeout=30, context=context)
+        assert info.value.code == 401
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(req, timeout=30, context=context) as resp:
+            assert b"nv_inference_request_success_total" in resp.read()
     status, doc = _https(tls_server, pki, "/v2/repository/models/tiny-gan/load", TOKEN, body=b"")
     assert status == 400 and "repository control is off" in doc["error"]
     client = httpclient.InferenceServerClient(f"127.0.0.1:{tls_server.http_port}", ssl=True,
