@@ -1,10 +1,12 @@
-"""A long fuzz run: 10,000+ hypothesis-generated requests to both services of a real `gen serve`.
+"""A long fuzz run: 10,000+ hypothesis-generated requests to both gRPC services and the REST port of a real
+`gen serve`.
 
     .venv/bin/python -m bench.fuzz [--requests 10500] [--max-seconds 900]
 
 Trains and exports one tiny model per family into a temporary folder (seconds; nothing shipped is
 needed), starts `gen serve` on 127.0.0.1 (port 0, repository control off), sends the requests of
-tests/serve/strategies.py (gen.v1 and OIP messages, plus bytes that are not messages), counts the
+tests/serve/strategies.py (gen.v1 and OIP messages, bytes that are not messages, OIP v2 REST requests
+valid and hostile: JSON, binary tensor data, any JSON, garbage bodies, odd paths), counts the
 statuses, checks health and memory afterwards, stops the server with SIGTERM and prints a summary
 (Markdown, for RELIABILITY.md). Exit status 1 if any status was undocumented or the server died.
 Bounded: stops after --requests requests or --max-seconds, whichever comes first.
@@ -58,7 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     from hypothesis import strategies as st
 
     from serve.launch import start_server, stop_server
-    from tests.serve.strategies import DOCUMENTED, garbage, generator_calls, oip_calls, send
+    from tests.serve.strategies import (
+        DOCUMENTED,
+        DOCUMENTED_HTTP,
+        garbage,
+        generator_calls,
+        oip_calls,
+        rest_calls,
+        send,
+        send_rest,
+    )
 
     with tempfile.TemporaryDirectory(prefix="gen-fuzz-") as tmp:
         if args.repo:
@@ -77,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         control = st.tuples(st.just("oip"), st.sampled_from(["RepositoryModelLoad", "RepositoryModelUnload"]),
                             st.sampled_from(["tiny-gan", "../x", "", "a/b", "%2e%2e"]))
         calls = st.one_of(generator_calls().map(lambda c: ("gen", *c)), oip_calls().map(lambda c: ("oip", *c)),
-                          garbage(), control)
+                          garbage(), control, rest_calls().map(lambda c: ("rest", c[0], c)))
 
         @seed(args.seed)
         @settings(max_examples=args.requests, deadline=None, database=None, phases=[Phase.generate],
@@ -88,6 +99,18 @@ def main(argv: list[str] | None = None) -> int:
             if sent >= args.requests or time.monotonic() - t0 > args.max_seconds:
                 return
             service, method, request = call
+            if service == "rest":
+                outcome = send_rest(server.http_target, request, timeout=60)
+                sent += 1
+                path = request[1]
+                last = path.rsplit("/", 1)[-1]
+                endpoint = (last if last in ("infer", "ready", "config", "stats") else "metadata") \
+                    if path.startswith("/v2/models/") else path
+                counts[f"HTTP {outcome.code}"] += 1
+                per_method[f"rest:{method} {endpoint[:40]}"][f"HTTP {outcome.code}"] += 1
+                if int(outcome.code) not in DOCUMENTED_HTTP or (outcome.code != "200" and not outcome.details):
+                    bad.append(f"REST {method} {path[:100]} -> {outcome.code}: {outcome.details[:200]}")
+                return
             if method in ("RepositoryModelLoad", "RepositoryModelUnload"):
                 from tritonclient.grpc import service_pb2 as oip
 

@@ -1,9 +1,10 @@
-"""The load generator of case 2: N concurrent tritonclient (grpc.aio) clients calling ModelInfer in a loop.
+"""The load generator of case 2: N concurrent tritonclient clients calling infer in a loop, over gRPC
+(tritonclient.grpc.aio, ModelInfer) or REST (tritonclient.http.aio, binary tensor data).
 
 Runs as its own process (tritonclient's `inference` protobuf descriptors cannot share an interpreter
 with the server's), for a fixed time, against any OIP v2 / Triton server on 127.0.0.1:
 
-    python -m bench.loadgen --target 127.0.0.1:P --model M --inputs JSON --concurrency 32 --seconds 10
+    python -m bench.loadgen --target 127.0.0.1:P --model M --inputs JSON --concurrency 32 --seconds 10 [--protocol http]
 
 --inputs: [{"name": "z", "datatype": "FP32", "shape": [1, 100]}, ...], one request's tensors.
 Prints one JSON line: requests completed in the measured window, throughput (requests/s), p50/p99
@@ -24,10 +25,15 @@ NP = {"FP32": np.float32, "INT64": np.int64}
 
 
 async def _measure(target: str, model: str, specs: list[dict], concurrency: int, seconds: float,
-                   warmup: float) -> dict:
-    import tritonclient.grpc.aio as grpcclient
+                   warmup: float, protocol: str = "grpc") -> dict:
+    if protocol == "http":
+        import tritonclient.http.aio as grpcclient  # the same calls; one connection per client
 
-    client = grpcclient.InferenceServerClient(target)
+        client = grpcclient.InferenceServerClient(target, conn_limit=concurrency)
+    else:
+        import tritonclient.grpc.aio as grpcclient
+
+        client = grpcclient.InferenceServerClient(target)
     rng = np.random.default_rng(0)
     latencies: list[float] = []
     errors: list[str] = []
@@ -43,6 +49,8 @@ async def _measure(target: str, model: str, specs: list[dict], concurrency: int,
             out.append(x)
         return out
 
+    timeout = {"client_timeout": 60} if protocol == "grpc" else {}  # http.aio: the session's default timeout
+
     async def worker():
         request = inputs()
         while True:
@@ -50,7 +58,7 @@ async def _measure(target: str, model: str, specs: list[dict], concurrency: int,
             if t0 >= t_end:
                 return
             try:
-                await client.infer(model, request, client_timeout=60)
+                await client.infer(model, request, **timeout)
             except Exception as e:  # noqa: BLE001 - counted and reported, the load goes on
                 errors.append(str(e).splitlines()[0][:200])
                 await asyncio.sleep(0.01)
@@ -76,11 +84,12 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, required=True)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     args = ap.parse_args()
     if not args.target.startswith("127.0.0.1:"):
         raise SystemExit("--target: this load generator only talks to 127.0.0.1")
     result = asyncio.run(_measure(args.target, args.model, json.loads(args.inputs), args.concurrency,
-                                  args.seconds, args.warmup))
+                                  args.seconds, args.warmup, args.protocol))
     print(json.dumps(result), flush=True)
 
 

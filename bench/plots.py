@@ -38,15 +38,16 @@ def serving(rows: list[dict], path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for server in dict.fromkeys(r["server"] for r in rows):
         pts = sorted((r["concurrency"], r["throughput"], r["p99_ms"]) for r in rows if r["server"] == server)
-        a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=server)
-        b.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=server)
+        style = "--" if "REST" in server else "-"
+        a.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=server)
+        b.plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=server)
     for ax, ylabel in ((a, "requests / s"), (b, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
     b.set_yscale("log")
-    fig.suptitle("Case 2: DCGAN generator behind three servers (tritonclient gRPC, CPU)")
+    fig.suptitle("Case 2: DCGAN generator behind three servers (tritonclient gRPC and REST, CPU)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -22,11 +22,13 @@ that produced this file.
 - *Graph optimisation level*: `ORT_ENABLE_ALL` (the server's) against `ORT_ENABLE_EXTENDED`, which drops
   the NCHWc layout transformer and its Reorder nodes. ALL was faster on every graph at batch 64 in both
   runs (EXTENDED won only the VAE decoder at batch 1 in the contended run). ALL stays.
-- *Batching policy*: the 2 ms max queue delay is what keeps batching-on behind batching-off at 1 client
-  (p50 about 2 ms higher in case 2), and it is a policy the batcher's tests pin (a partial batch waits
-  for company). It comes from each manifest's `serving.max_queue_delay_ms`, so a deployment that cares
-  more about single-client latency than about throughput can lower it per model or with
-  `gen serve --max-queue-delay-ms`.
+- *Batching policy* (issue 13): with the old policy every partial batch waited out the 2 ms max queue
+  delay, which put batching-on behind batching-off at 1 client (p50 about 2 ms higher) and at 8 and 128
+  clients. The batcher now runs a lone request on an idle graph at once, forms batches from what arrives
+  while a run is in flight, and holds a partial batch for the delay only while requests arrive faster
+  than a one-row run takes (`serve/batcher.py`, `_hold`); answers to grpc.aio callers are settled by one
+  loop callback per run. Case 2 compares it with batching off side by side, over gRPC and REST, against
+  the targets in the table at the top.
 - *Contention explains the contended run's misses*: there, five case-1 rows missed 1.5x (VAE decoder at
   batch 64 x1.04, the CycleGAN generators x1.10 and x1.11, pix2pix x1.31, the step graph at batch 1 x1.16),
   PyTriton was beaten by x1.18 and diffusers by x1.07; in the quiet run every case-1 row met 1.5x and
@@ -37,6 +39,11 @@ loads, as `trainer/__init__.py` does), so that they do not hold the cores while 
 PyTriton 0.7.0 needed a patch before it would run on this Python at all (`bench/pytriton_patch.py`,
 upstream pytriton issue #51).
 """
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b for throughputs; a point where b's side finished no request gives inf (or 0.0 when neither did)."""
+    return a / b if b > 0 else (float("inf") if a > 0 else 0.0)
 
 
 def _f(x: float, digits: int = 2) -> str:
@@ -112,6 +119,17 @@ def _targets(r: dict) -> list[str]:
             rows.append(f"| 2 | 32 clients: >= 1.2x PyTriton, p99 no worse | PyTriton did not run: "
                         f"{r['serving']['pytriton_error']} | not measured |")
         rows.append(f"| 2 | 32 clients: >= 5x batching off | x{_f(s['vs_off'])} | {_verdict(s['vs_off'] >= 5)} |")
+        for suffix, proto in (("", "gRPC"), (" (REST)", "REST")):
+            p = _policy(r["serving"], suffix)
+            if p is None:
+                continue
+            worst = min(p["ratios"], key=p["ratios"].get)
+            rows.append(f"| 2 | {proto}: batching on >= batching off at 1, 8, 32, 128 clients | lowest x"
+                        f"{_f(p['ratios'][worst])} at {worst} | {_verdict(p['ratios'][worst] >= 1)} |")
+            rows.append(f"| 2 | {proto}: 1 client p50 <= 1.1x batching off's | {_f(p['p50_on'])} ms vs "
+                        f"{_f(p['p50_off'])} ms | {_verdict(p['p50_on'] <= 1.1 * p['p50_off'])} |")
+            rows.append(f"| 2 | {proto}: 32 clients >= 1.3x batching off | x{_f(p['ratios'].get(32, 0))} | "
+                        f"{_verdict(p['ratios'].get(32, 0) >= 1.3)} |")
     if "diffusion" in r:
         d = _diffusion_ratios(r["diffusion"])
         rows.append(f"| 3 | step-level batching >= 0.9x the offline batch | x{_f(d['vs_offline'])} | "
@@ -188,23 +206,35 @@ def _options(rows: list[dict]) -> list[str]:
 def _serving_ratios(s: dict) -> dict:
     at = {r["server"]: r for r in s["rows"] if r["concurrency"] == 32}
     on, off, pt = at.get("gen, batching on"), at.get("gen, batching off"), at.get("PyTriton")
-    return {"vs_off": on["throughput"] / off["throughput"],
-            "vs_pytriton": on["throughput"] / pt["throughput"] if pt else None,
+    return {"vs_off": _ratio(on["throughput"], off["throughput"]),
+            "vs_pytriton": _ratio(on["throughput"], pt["throughput"]) if pt else None,
             "p99_on": on["p99_ms"], "p99_pytriton": pt["p99_ms"] if pt else None}
 
 
+def _policy(s: dict, suffix: str) -> dict | None:
+    """Batching on / off throughput per concurrency, and the 1-client p50s, for one protocol's rows."""
+    on = {r["concurrency"]: r for r in s["rows"] if r["server"] == "gen, batching on" + suffix}
+    off = {r["concurrency"]: r for r in s["rows"] if r["server"] == "gen, batching off" + suffix}
+    if not on or 1 not in on or 1 not in off:
+        return None
+    return {"ratios": {c: _ratio(on[c]["throughput"], off[c]["throughput"]) for c in on if c in off},
+            "p50_on": on[1]["p50_ms"], "p50_off": off[1]["p50_ms"]}
+
+
 def _serving(s: dict, forward: list[dict], plot: str | None) -> list[str]:
-    out = ["## Case 2: serving throughput and latency (tritonclient gRPC, CPU)", "",
+    out = ["## Case 2: serving throughput and latency (tritonclient gRPC and REST, CPU)", "",
            f"Graph: `{s['model']}` (DCGAN generator). Each request carries one image's inputs. One load "
-           f"generator process (`bench/loadgen.py`, tritonclient.grpc.aio, N concurrent clients each calling "
-           f"ModelInfer in a loop) runs {s['seconds']:g} s after {s['warmup']:g} s of warm-up per point, "
+           f"generator process (`bench/loadgen.py`, N concurrent clients each calling infer in a loop: "
+           f"tritonclient.grpc.aio, or tritonclient.http.aio with binary tensor data for the (REST) rows) "
+           f"runs {s['seconds']:g} s after {s['warmup']:g} s of warm-up per point, "
            f"{s['repeats']} repeat(s) taken in turn across the servers; the table has medians. The load generator "
            "shares the 2 cores with the server under test (all three servers stay up; the idle ones wait).", "",
            "- **gen, batching on**: `gen serve` with the manifest's policy (max batch size 64, max queue delay 2 ms)",
            "- **gen, batching off**: `gen serve --max-batch-size 1`",
            "- **PyTriton**: nvidia-pytriton 0.7.0 (Triton 2.51's dynamic batcher, max batch size 64, max queue "
            "delay 2 ms) calling onnxruntime on the same file with the same session options, in "
-           "`bench/.venv-pytriton` (numpy < 2)", ""]
+           "`bench/.venv-pytriton` (numpy < 2)",
+           "- **(REST)**: the same server over OIP v2 REST (gen: `--http-port`; PyTriton: Triton's HTTP port)", ""]
     if s["pytriton_error"]:
         out += [f"PyTriton could not run here: {s['pytriton_error']}", ""]
     out += ["| server | clients | requests/s | p50 (ms) | p99 (ms) | errors |", "|---|---|---|---|---|---|"]
@@ -212,6 +242,12 @@ def _serving(s: dict, forward: list[dict], plot: str | None) -> list[str]:
         out.append(f"| {r['server']} | {r['concurrency']} | {_f(r['throughput'], 0)} | {_f(r['p50_ms'])} | "
                    f"{_f(r['p99_ms'])} | {r['errors']} |")
     ratios = _serving_ratios(s)
+    for suffix, proto in (("", "gRPC"), (" (REST)", "REST")):
+        p = _policy(s, suffix)
+        if p is not None:
+            out += ["", f"{proto}, batching on / batching off: "
+                    + ", ".join(f"x{_f(v)} at {c}" for c, v in sorted(p["ratios"].items()))
+                    + f" clients; 1-client p50 {_f(p['p50_on'])} ms vs {_f(p['p50_off'])} ms."]
     out += ["", f"At 32 clients: batching on / batching off = x{_f(ratios['vs_off'])}"
             + (f"; batching on / PyTriton = x{_f(ratios['vs_pytriton'])}, p99 {_f(ratios['p99_on'])} ms vs "
                f"{_f(ratios['p99_pytriton'])} ms." if ratios["vs_pytriton"] is not None else ".")]
@@ -226,7 +262,7 @@ def _serving(s: dict, forward: list[dict], plot: str | None) -> list[str]:
                 "the load generator on the same 2 cores, is most of each request's cost, and on a shared machine "
                 "the ratio moves between repeats"
                 + (" (per repeat in this run: " + ", ".join(
-                    f"x{_f(a / b)}" for a, b in zip(at["gen, batching on"]["throughput_samples"],
+                    f"x{_f(_ratio(a, b))}" for a, b in zip(at["gen, batching on"]["throughput_samples"],
                                                      at["PyTriton"]["throughput_samples"])) + ")"
                    if "throughput_samples" in at["PyTriton"] else "")
                 + f"; each point is the median of {s['repeats']} interleaved repeat(s)."]

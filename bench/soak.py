@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.soak [--clients 64] [--seconds 60] [--warmup 10]
 
 Builds tiny models of every family (as bench/fuzz.py does), starts `gen serve` on 127.0.0.1, and runs
---clients grpc.aio clients in one process, each looping over Sample (gan, vae), Translate (pix2pix,
-cyclegan) and Generate (diffusion; one in three cancelled by the client after two events). Counts
+--clients clients in one process, each looping over Sample (gan, vae), Translate (pix2pix, cyclegan) and
+Generate (diffusion; one in three cancelled by the client after two events) over gRPC, and OIP v2 infer
+over REST (the gan and vae graphs, JSON or binary tensor data, through aiohttp). Counts
 every status; anything but OK and the client's own cancellations is unexpected. The server's resident
 memory (VmRSS from /proc/PID/status) is read after the warm-up and at the end: growth must stay
 under 10%. Prints a Markdown summary; exit status 1 on an unexpected error or too much growth.
@@ -29,7 +30,33 @@ if str(ROOT) not in sys.path:
 from bench.fuzz import build_tiny_repo, rss_kb  # noqa: E402
 
 
-async def client(i: int, target: str, stop_at: float, counts: collections.Counter, errors: list) -> None:
+def _rest_infer(rng: random.Random, i: int) -> tuple[str, bytes, dict]:
+    """(path, body, headers) of one REST infer request on a tiny generator or decoder."""
+    import json
+
+    import numpy as np
+
+    from tests.serve.strategies import LATENT
+
+    name = rng.choice(sorted(LATENT))
+    n = rng.randint(1, 4)
+    z = np.random.default_rng(i).standard_normal((n, LATENT[name])).astype("<f4")
+    labels = [rng.randint(0, 9) for _ in range(n)]
+    if rng.random() < 0.5:  # JSON data
+        body = {"inputs": [{"name": "z", "shape": [n, LATENT[name]], "datatype": "FP32", "data": z.ravel().tolist()},
+                           {"name": "label", "shape": [n], "datatype": "INT64", "data": labels}]}
+        return f"/v2/models/{name}/infer", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    header = json.dumps({"inputs": [
+        {"name": "z", "shape": [n, LATENT[name]], "datatype": "FP32", "parameters": {"binary_data_size": z.nbytes}},
+        {"name": "label", "shape": [n], "datatype": "INT64", "parameters": {"binary_data_size": 8 * n}}],
+        "parameters": {"binary_data_output": True}}).encode()
+    body = header + z.tobytes() + np.array(labels, "<i8").tobytes()
+    return f"/v2/models/{name}/infer", body, {"Inference-Header-Content-Length": str(len(header))}
+
+
+async def client(i: int, target: str, http_target: str, stop_at: float, counts: collections.Counter,
+                 errors: list) -> None:
+    import aiohttp
     import grpc
 
     from protos import generator_pb2 as pb
@@ -37,12 +64,21 @@ async def client(i: int, target: str, stop_at: float, counts: collections.Counte
     from tests.serve.strategies import GOOD_IMAGES
 
     rng = random.Random(i)
-    async with grpc.aio.insecure_channel(target) as channel:
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with grpc.aio.insecure_channel(target) as channel, aiohttp.ClientSession(timeout=timeout) as http:
         stub = pb_grpc.GeneratorStub(channel)
         while time.monotonic() < stop_at:
-            kind = rng.choices(["sample", "translate", "generate"], [0.35, 0.35, 0.3])[0]
+            kind = rng.choices(["sample", "translate", "generate", "REST infer"], [0.25, 0.25, 0.25, 0.25])[0]
             try:
-                if kind == "sample":
+                if kind == "REST infer":
+                    path, body, headers = _rest_infer(rng, i)
+                    async with http.post(f"http://{http_target}{path}", data=body, headers=headers) as resp:
+                        await resp.read()
+                        if resp.status != 200:
+                            counts[f"{kind}: HTTP {resp.status}"] += 1
+                            errors.append(f"{kind}: HTTP {resp.status}: {(await resp.text())[:200]}")
+                            continue
+                elif kind == "sample":
                     model = rng.choice(["tiny-gan", "tiny-vae"])
                     await stub.Sample(pb.SampleRequest(model=model, n=rng.randint(1, 4), seed=i), timeout=60)
                 elif kind == "translate":
@@ -65,11 +101,14 @@ async def client(i: int, target: str, stop_at: float, counts: collections.Counte
             except grpc.aio.AioRpcError as e:
                 counts[f"{kind}: {e.code().name}"] += 1
                 errors.append(f"{kind}: {e.code().name}: {e.details()}")
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                counts[f"{kind}: {type(e).__name__}"] += 1
+                errors.append(f"{kind}: {type(e).__name__}: {e}")
 
 
-async def run(target: str, clients: int, seconds: float, counts, errors) -> None:
+async def run(target: str, http_target: str, clients: int, seconds: float, counts, errors) -> None:
     stop_at = time.monotonic() + seconds
-    await asyncio.gather(*(client(i, target, stop_at, counts, errors) for i in range(clients)))
+    await asyncio.gather(*(client(i, target, http_target, stop_at, counts, errors) for i in range(clients)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server(repo)
         pid = server.proc.pid
         rss_start = rss_kb(pid)
-        asyncio.run(run(server.target, args.clients, args.warmup, collections.Counter(), []))  # warm-up
+        asyncio.run(run(server.target, server.http_target, args.clients, args.warmup, collections.Counter(), []))
         rss_before = rss_kb(pid)
         counts: collections.Counter = collections.Counter()
         errors: list[str] = []
         t0 = time.monotonic()
-        asyncio.run(run(server.target, args.clients, args.seconds, counts, errors))
+        asyncio.run(run(server.target, server.http_target, args.clients, args.seconds, counts, errors))
         elapsed = time.monotonic() - t0
         alive = server.proc.poll() is None
         rss_after = rss_kb(pid) if alive else 0

@@ -312,7 +312,10 @@ def _sweep(root, names: list[str], config, sweep_steps: str, json_path: str | No
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 for all).")
 @click.option("--port", type=int, default=50051, show_default=True, help="gRPC port; 0 picks a free one.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (GPU N).")
-@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this HTTP port.")
+@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="OIP v2 over HTTP/REST (and /metrics) on this port; 0 picks a free one.")
+@click.option("--no-http", is_flag=True, help="Serve no REST port (gRPC only).")
+@click.option("--metrics-port", type=int, help="Also serve /metrics on this port of its own.")
 @click.option("--max-batch-size", type=int, help="Per graph. [default: each manifest's]")
 @click.option("--max-queue-delay-ms", type=float, help="How long a batch waits to fill. [default: manifest]")
 @click.option("--max-queue-size", type=int, default=1024, show_default=True,
@@ -336,12 +339,13 @@ def _sweep(root, names: list[str], config, sweep_steps: str, json_path: str | No
               help="PEM CA: require client certificates signed by it (mutual TLS).")
 @click.option("--auth-token-file", type=click.Path(exists=True, dir_okay=False),
               help="Require 'authorization: Bearer TOKEN' (a token per line; $GEN_AUTH_TOKEN adds one).")
-def serve_cmd(repo, host, port, device, metrics_port, max_batch_size, max_queue_delay_ms, max_queue_size,
-              allow_repository_control, grace, max_images, max_steps, max_message_mb, threads, spin, tls_cert,
-              tls_key, tls_client_ca, auth_token_file):
-    """Serve the model repository over gRPC (KServe OIP v2 and gen.v1.Generator) until SIGTERM.
+def serve_cmd(repo, host, port, device, http_port, no_http, metrics_port, max_batch_size, max_queue_delay_ms,
+              max_queue_size, allow_repository_control, grace, max_images, max_steps, max_message_mb, threads, spin,
+              tls_cert, tls_key, tls_client_ca, auth_token_file):
+    """Serve the model repository until SIGTERM: gRPC (KServe OIP v2 and gen.v1.Generator) on --port, OIP v2
+    over REST and Prometheus /metrics on --http-port.
 
-    Health checks (grpc.health.v1) need no token. The metrics port is plain HTTP without auth.
+    TLS and the bearer token apply to every port. Health checks (grpc.health.v1, /v2/health/*) need no token.
     """
     import asyncio
     import logging
@@ -367,7 +371,8 @@ def serve_cmd(repo, host, port, device, metrics_port, max_batch_size, max_queue_
     except ValueError as e:
         raise UserError(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(repo=repo, host=host, port=port, device=device, metrics_port=metrics_port,
+    config = ServerConfig(repo=repo, host=host, port=port, http_port=None if no_http else http_port, device=device,
+                          metrics_port=metrics_port,
                           max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                           max_queue_size=max_queue_size, allow_repository_control=allow_repository_control,
                           grace_s=grace, max_images=max_images, max_steps=max_steps, threads=threads, spin=spin,
@@ -380,7 +385,9 @@ def serve_cmd(repo, host, port, device, metrics_port, max_batch_size, max_queue_
 
     def ready(server, bound):
         names = sorted({e.name for e in healthy})
-        extra = f", metrics on http://{host}:{server.metrics.server_address[1]}/metrics" if server.metrics else ""
+        scheme = "https" if tls_cert else "http"
+        extra = f", REST on {scheme}://{host}:{server.http_port}" if server.http_port is not None else ""
+        extra += f", metrics on {scheme}://{host}:{server.metrics_port}/metrics" if server.metrics_port else ""
         security = ("TLS" + (" with client certificates" if tls_client_ca else "")) if tls_cert else "plaintext"
         security += ", bearer token required" if tokens else ""
         click.echo(f"serving {len(names)} models ({', '.join(names)}) on {host}:{bound} "
@@ -502,6 +509,7 @@ def generate_cmd(server, model, version, timeout, output, n, seed, labels, guida
     from serve.client import Images, save_grid
 
     result = None
+    terminal = sys.stderr.isatty()  # a bar redrawn in place; elsewhere (logs, pipes) one line per step
     with _rpc_errors(server), _connect(server, timeout, security) as client:
         for event in client.generate(model, n=n, seed=seed, labels=_labels(labels), guidance=guidance,
                                      sampler=sampler, steps=steps, eta=eta, version=version):
@@ -509,8 +517,12 @@ def generate_cmd(server, model, version, timeout, output, n, seed, labels, guida
                 result = event
             else:
                 total = event.total
-                click.echo(f"\rstep {event.step}/{event.total}", nl=False, err=True)
-    click.echo("", err=True)
+                if terminal:
+                    click.echo(f"\rstep {event.step}/{event.total}", nl=False, err=True)
+                else:
+                    click.echo(f"step {event.step}/{event.total}", err=True)
+    if terminal:
+        click.echo("", err=True)
     save_grid(result.pixels, output)
     click.echo(f"wrote {output}: {len(result.pixels)} images from {result.model} v{result.version}, "
                f"{sampler or DEFAULT_SAMPLER} {total} steps, seed {result.seed}")

@@ -1,4 +1,4 @@
-"""Bearer-token authentication: a grpc.aio server interceptor.
+"""Bearer-token authentication: a grpc.aio server interceptor (serve/rest.py's middleware shares the check).
 
 Every call must carry the metadata `authorization: Bearer <token>` with one of the configured tokens,
 else it is answered UNAUTHENTICATED before any handler runs. grpc.health.v1.Health is exempt, so load
@@ -15,6 +15,9 @@ import grpc
 
 ENV_VAR = "GEN_AUTH_TOKEN"
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+EXEMPT_HTTP_PREFIXES = ("/v2/health/",)  # REST's liveness and readiness probes, as grpc.health.v1 on gRPC
+UNAUTHENTICATED_MESSAGE = ("authorization: missing or wrong bearer token; send the header "
+                           "'authorization: Bearer <token>' (gen CLI: --token or --token-file)")
 
 
 def load_tokens(token_file: str | Path | None = None, env: dict | None = None) -> list[str]:
@@ -37,6 +40,17 @@ def load_tokens(token_file: str | Path | None = None, env: dict | None = None) -
     return tokens
 
 
+def token_allowed(header: str | bytes | None, tokens: list[bytes]) -> bool:
+    """Whether an authorization header/metadata value is 'Bearer <one of tokens>'."""
+    if not isinstance(header, str) or not header.startswith("Bearer "):
+        return False
+    presented = header[len("Bearer "):].strip().encode()
+    ok = False
+    for token in tokens:  # no early exit: the time taken does not say which token was close
+        ok |= hmac.compare_digest(presented, token)
+    return ok
+
+
 class BearerTokenAuth(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: list[str]):
         if not tokens:
@@ -44,14 +58,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         self._tokens = [t.encode() for t in tokens]
 
     def _allowed(self, metadata) -> bool:
-        given = dict(metadata or ()).get("authorization", "")
-        if isinstance(given, bytes) or not given.startswith("Bearer "):
-            return False
-        presented = given[len("Bearer "):].strip().encode()
-        ok = False
-        for token in self._tokens:  # no early exit: the time taken does not say which token was close
-            ok |= hmac.compare_digest(presented, token)
-        return ok
+        return token_allowed(dict(metadata or ()).get("authorization"), self._tokens)
 
     async def intercept_service(self, continuation, details):
         if details.method.startswith(EXEMPT_PREFIXES) or self._allowed(details.invocation_metadata):
@@ -61,9 +68,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
 
 
 async def _deny(request_or_iterator, context):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                        "authorization: missing or wrong bearer token; send the metadata "
-                        "'authorization: Bearer <token>' (gen CLI: --token or --token-file)")
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
 
 def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

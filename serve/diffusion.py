@@ -253,8 +253,7 @@ class DiffusionScheduler:
             for req in requests:
                 if not req.started:
                     req.started = True
-                    self.stats.queue_count += 1
-                    self.stats.queue_ns += t0 - req.created_ns
+                    self.stats.record_queue(t0 - req.created_ns)
         try:
             noise = None
             if any(r.request.noisy for r in rows):

@@ -14,14 +14,14 @@ from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
 from serve.errors import FailedPrecondition, InvalidArgument, ServeError
 from serve.status import deadline_of, rpc, status_of
-from serve.wire import CONTENTS_FIELD, NUMPY_OF_OIP, OIP_DATATYPES, check_shape
+from serve.wire import CONTENTS_FIELD, NUMPY_OF_OIP, OIP_DATATYPES, check_shape, typed_array
 
 SERVER_NAME = "gen"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy", "binary_tensor_data"]
 CONFIG_TYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int64": mc.TYPE_INT64}
 
 
-def _version(text: str) -> int | None:
+def parse_version(text: str) -> int | None:
     if not text:
         return None
     if not re.fullmatch(r"[0-9]{1,18}", text) or int(text) < 1:  # not str.isdigit, which takes '²'
@@ -46,27 +46,16 @@ def request_arrays(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             if len(raw) != count * dtype.itemsize:
                 raise InvalidArgument(f"{field}: {len(raw)} bytes of raw data, shape {list(shape)} of "
                                       f"{tensor.datatype} needs {count * dtype.itemsize}")
-            array = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+            array = np.frombuffer(raw, dtype=dtype).reshape(shape)
         else:
             values = getattr(tensor.contents, CONTENTS_FIELD.get(tensor.datatype, "fp32_contents"))
             if len(values) != count:
                 raise InvalidArgument(f"{field}.contents: {len(values)} values, shape {list(shape)} needs {count}")
-            array = _typed(values, dtype, field).reshape(shape)
+            array = typed_array(values, dtype, field).reshape(shape)
         if tensor.name in arrays:
             raise InvalidArgument(f"{field}.name: input {tensor.name!r} given twice")
         arrays[tensor.name] = array
     return arrays
-
-
-def _typed(values, dtype: np.dtype, field: str) -> np.ndarray:
-    """Typed contents as `dtype`; integers outside its range are an error, not a silent wrap-around."""
-    if dtype.kind not in "iu":
-        return np.asarray(values, dtype=dtype)
-    wide = np.asarray(values, dtype=np.int64 if dtype.kind == "i" else np.uint64)
-    info = np.iinfo(dtype)
-    if len(wide) and (wide.min() < info.min or wide.max() > info.max):
-        raise InvalidArgument(f"{field}.contents: values must fit {dtype.name} ({info.min} to {info.max})")
-    return wide.astype(dtype)
 
 
 def response_of(model: str, version: int, request: pb.ModelInferRequest,
@@ -79,7 +68,7 @@ def response_of(model: str, version: int, request: pb.ModelInferRequest,
     for name in wanted:
         array = np.ascontiguousarray(outputs[name])
         resp.outputs.add(name=name, datatype=OIP_DATATYPES[array.dtype.name], shape=list(array.shape))
-        resp.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
+        resp.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
     return resp
 
 
@@ -92,7 +81,65 @@ def _duration(count: int, ns: int) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=int(count), ns=int(ns))
 
 
+def server_metadata() -> pb.ServerMetadataResponse:
+    from gen import __version__
+
+    return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+
+def model_metadata(runtime, name: str, version: str) -> pb.ModelMetadataResponse:
+    handle = runtime.graph(name, parse_version(version))
+    return pb.ModelMetadataResponse(
+        name=name, versions=[str(v) for v in handle.versions], platform="onnxruntime_onnx",
+        inputs=_tensor_metadata(handle.info.inputs), outputs=_tensor_metadata(handle.info.outputs))
+
+
+def model_config(runtime, name: str, version: str) -> mc.ModelConfig:
+    handle = runtime.graph(name, parse_version(version))
+    strip = lambda shape: [int(s) for s in shape[1:]]  # noqa: E731 -- Triton omits the batch axis
+    return mc.ModelConfig(
+        name=name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=handle.max_batch_size,
+        input=[mc.ModelInput(name=t.name, data_type=CONFIG_TYPES[t.dtype], dims=strip(t.shape))
+               for t in handle.info.inputs],
+        output=[mc.ModelOutput(name=t.name, data_type=CONFIG_TYPES[t.dtype], dims=strip(t.shape))
+                for t in handle.info.outputs],
+        dynamic_batching=mc.ModelDynamicBatching(
+            max_queue_delay_microseconds=int(handle.max_queue_delay_ms * 1000),
+            default_queue_policy=mc.ModelQueuePolicy(max_queue_size=handle.max_queue_size)),
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)))
+
+
+def model_statistics(runtime, name: str, version: str) -> pb.ModelStatisticsResponse:
+    stats = []
+    for s in runtime.statistics(name or None, parse_version(version)):
+        stats.append(pb.ModelStatistics(
+            name=s.name, version=str(s.version), last_inference=s.last_inference_ms,
+            inference_count=s.inference_count, execution_count=s.execution_count,
+            inference_stats=pb.InferStatistics(
+                success=_duration(s.success_count, s.success_ns), fail=_duration(s.fail_count, s.fail_ns),
+                queue=_duration(s.success_count, s.queue_ns),
+                compute_input=_duration(s.success_count, 0),
+                compute_infer=_duration(s.success_count, s.compute_ns),
+                compute_output=_duration(s.success_count, 0)),
+            batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(count, ns))
+                         for size, (count, ns) in sorted(s.batches.items())]))
+    return pb.ModelStatisticsResponse(model_stats=stats)
+
+
+def repository_index(runtime, ready_only: bool) -> list[pb.RepositoryIndexResponse.ModelIndex]:
+    return [pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=str(e.version), state=e.state, reason=e.reason)
+            for e in runtime.oip_index() if not ready_only or e.state == "READY"]
+
+
+def check_control(allowed: bool, what: str) -> None:
+    if not allowed:
+        raise FailedPrecondition(f"{what}: repository control is off; start the server with "
+                                 "--allow-repository-control to load and unload models")
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Thin: the builders above (shared with serve/rest.py) and the runtime do the work."""
+
     def __init__(self, runtime, allow_repository_control: bool = False):
         self.runtime = runtime
         self.allow_repository_control = allow_repository_control
@@ -108,84 +155,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelReady(self, request, context):
         try:
-            self.runtime.graph(request.name, _version(request.version))
+            self.runtime.graph(request.name, parse_version(request.version))
         except ServeError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
     @rpc
     async def ServerMetadata(self, request, context):
-        from gen import __version__
-
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+        return server_metadata()
 
     @rpc
     async def ModelMetadata(self, request, context):
-        handle = self.runtime.graph(request.name, _version(request.version))
-        return pb.ModelMetadataResponse(
-            name=request.name, versions=[str(v) for v in handle.versions], platform="onnxruntime_onnx",
-            inputs=_tensor_metadata(handle.info.inputs), outputs=_tensor_metadata(handle.info.outputs))
+        return model_metadata(self.runtime, request.name, request.version)
 
     @rpc
     async def ModelConfig(self, request, context):
-        handle = self.runtime.graph(request.name, _version(request.version))
-        strip = lambda shape: [int(s) for s in shape[1:]]  # noqa: E731 -- Triton omits the batch axis
-        config = mc.ModelConfig(
-            name=request.name, platform="onnxruntime_onnx", backend="onnxruntime",
-            max_batch_size=handle.max_batch_size,
-            input=[mc.ModelInput(name=t.name, data_type=CONFIG_TYPES[t.dtype], dims=strip(t.shape))
-                   for t in handle.info.inputs],
-            output=[mc.ModelOutput(name=t.name, data_type=CONFIG_TYPES[t.dtype], dims=strip(t.shape))
-                    for t in handle.info.outputs],
-            dynamic_batching=mc.ModelDynamicBatching(
-                max_queue_delay_microseconds=int(handle.max_queue_delay_ms * 1000),
-                default_queue_policy=mc.ModelQueuePolicy(max_queue_size=handle.max_queue_size)),
-            version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)))
-        return pb.ModelConfigResponse(config=config)
+        return pb.ModelConfigResponse(config=model_config(self.runtime, request.name, request.version))
 
     @rpc
     async def ModelStatistics(self, request, context):
-        stats = []
-        for s in self.runtime.statistics(request.name or None, _version(request.version)):
-            stats.append(pb.ModelStatistics(
-                name=s.name, version=str(s.version), last_inference=s.last_inference_ms,
-                inference_count=s.inference_count, execution_count=s.execution_count,
-                inference_stats=pb.InferStatistics(
-                    success=_duration(s.success_count, s.success_ns), fail=_duration(s.fail_count, s.fail_ns),
-                    queue=_duration(s.success_count, s.queue_ns),
-                    compute_input=_duration(s.success_count, 0),
-                    compute_infer=_duration(s.success_count, s.compute_ns),
-                    compute_output=_duration(s.success_count, 0)),
-                batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(count, ns))
-                             for size, (count, ns) in sorted(s.batches.items())]))
-        return pb.ModelStatisticsResponse(model_stats=stats)
+        return model_statistics(self.runtime, request.name, request.version)
 
     @rpc
     async def RepositoryIndex(self, request, context):
-        models = [pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=str(e.version), state=e.state,
-                                                        reason=e.reason)
-                  for e in self.runtime.oip_index() if not request.ready or e.state == "READY"]
-        return pb.RepositoryIndexResponse(models=models)
+        return pb.RepositoryIndexResponse(models=repository_index(self.runtime, request.ready))
 
     @rpc
     async def RepositoryModelLoad(self, request, context):
-        self._check_control("RepositoryModelLoad")
+        check_control(self.allow_repository_control, "RepositoryModelLoad")
         await self.runtime.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @rpc
     async def RepositoryModelUnload(self, request, context):
-        self._check_control("RepositoryModelUnload")
+        check_control(self.allow_repository_control, "RepositoryModelUnload")
         await self.runtime.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    def _check_control(self, what: str) -> None:
-        if not self.allow_repository_control:
-            raise FailedPrecondition(f"{what}: repository control is off; start the server with "
-                                     "--allow-repository-control to load and unload models")
-
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        handle = self.runtime.graph(request.model_name, _version(request.model_version))
+        handle = self.runtime.graph(request.model_name, parse_version(request.model_version))
         arrays = request_arrays(request)
         deadline = deadline_of(context) if context is not None else None
         outputs = await self.runtime.infer(request.model_name, arrays, handle.version, deadline=deadline)

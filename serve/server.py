@@ -1,4 +1,5 @@
-"""The grpc.aio server: both services on one port, plus health, reflection and Prometheus metrics.
+"""The grpc.aio server: both services on one port, plus health, reflection; OIP v2 over REST (serve/rest.py)
+and Prometheus metrics (serve/metrics.py) from aiohttp on the same event loop.
 
 Status codes are mapped in serve/status.py (the `rpc` decorator every servicer method wears). Bytes that
 do not parse as the method's request message are answered INVALID_ARGUMENT here, by an interceptor
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +31,9 @@ class ServerConfig:
     repo: str = "exported"
     host: str = "127.0.0.1"  # loopback unless the operator opens it up
     port: int = 50051  # 0 picks a free port (printed at start)
+    http_port: int | None = 8000  # OIP v2 over REST (and /metrics), as Triton's; 0 picks one; None: no REST
     device: str = "auto"  # auto | cpu | cuda
-    metrics_port: int | None = None  # Prometheus text format on http://host:PORT/metrics
+    metrics_port: int | None = None  # /metrics also on a port of its own
     max_batch_size: int | None = None  # None: each model's manifest default
     max_queue_delay_ms: float | None = None
     max_queue_size: int = 1024  # per graph; beyond it requests get RESOURCE_EXHAUSTED
@@ -176,6 +179,29 @@ def tls_credentials(c: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+def tls_context(c: ServerConfig) -> ssl.SSLContext | None:
+    """The same certificate, key and client CA as gRPC's, for the HTTP ports (tls_credentials checked them)."""
+    if not c.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(c.tls_cert, c.tls_key)
+    if c.tls_client_ca:
+        context.load_verify_locations(c.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+async def _listen(app, host: str, port: int, context: ssl.SSLContext | None, grace_s: float):
+    """Start an aiohttp app on host:port; (runner, the port it got). runner.cleanup() lets in-flight
+    requests finish for up to grace_s."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace_s)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True).start()
+    return runner, runner.addresses[0][1]
+
+
 class GenServer:
     """Owns the runtime and the grpc.aio server; `start()`, then `wait()` or `stop()`."""
 
@@ -190,7 +216,9 @@ class GenServer:
         self.server: grpc.aio.Server | None = None
         self.health = health.HealthServicer()
         self.port: int | None = None
-        self.metrics = None
+        self.http_port: int | None = None
+        self.metrics_port: int | None = None
+        self._http_runners = []
         self.active = ActiveCalls()
 
     async def start(self) -> int:
@@ -218,27 +246,44 @@ class GenServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {c.host}:{c.port}")
         await self.server.start()
+        await self._start_http()
         for name in ("", *services[:2]):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if c.metrics_port is not None:
-            from serve.metrics import start_metrics_server
-
-            self.metrics = start_metrics_server(self.runtime, c.host, c.metrics_port)
         return self.port
 
+    async def _start_http(self) -> None:
+        """REST on http_port and /metrics on metrics_port: the same auth and TLS as the gRPC port."""
+        from serve.metrics import MetricsEndpoint
+        from serve.rest import make_app, metrics_app
+
+        c = self.config
+        context = tls_context(c)
+        metrics = MetricsEndpoint(self.runtime)
+        if c.http_port is not None:
+            app = make_app(self.runtime, tokens=c.auth_tokens, max_bytes=c.max_message_bytes,
+                           allow_repository_control=c.allow_repository_control, metrics=metrics)
+            runner, self.http_port = await _listen(app, c.host, c.http_port, context, c.grace_s)
+            self._http_runners.append(runner)
+        if c.metrics_port is not None:
+            app = metrics_app(metrics, tokens=c.auth_tokens)
+            runner, self.metrics_port = await _listen(app, c.host, c.metrics_port, context, c.grace_s)
+            self._http_runners.append(runner)
+
     async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting, finish in-flight RPCs within `grace` seconds, then release the runtime."""
+        """Stop accepting, finish in-flight calls within `grace` seconds (REST: within config.grace_s), then
+        release the runtime."""
         grace = self.config.grace_s if grace is None else grace
         self.health.enter_graceful_shutdown()
+        # REST and gRPC drain together: stop listening, let in-flight requests finish within the grace
+        rest = asyncio.gather(*(r.cleanup() for r in self._http_runners))
         if self.server is not None:
             self.active.last_change = time.monotonic()  # count the settle time from the start of the stop
             stopping = asyncio.create_task(self.server.stop(grace))  # closes the port; running calls go on
             await self.active.drained(grace)
             await self.server.stop(0)  # what is left never reached a handler (or outlived the grace)
             await stopping
+        await rest
         await self.runtime.stop()
-        if self.metrics is not None:
-            self.metrics.shutdown()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

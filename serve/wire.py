@@ -11,7 +11,7 @@ from serve.errors import InvalidArgument
 # KServe v2 / Triton datatypes for the dtypes our graphs use
 OIP_DATATYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "uint8": "UINT8",
                  "float64": "FP64", "bool": "BOOL", "int8": "INT8", "int16": "INT16"}
-NUMPY_OF_OIP = {v: np.dtype(k) for k, v in OIP_DATATYPES.items()}
+NUMPY_OF_OIP = {v: np.dtype(k).newbyteorder("<") for k, v in OIP_DATATYPES.items()}  # the wire is little-endian
 # the typed `contents` field of InferTensorContents that carries each datatype
 CONTENTS_FIELD = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents",
                   "INT32": "int_contents", "INT16": "int_contents", "INT8": "int_contents",
@@ -25,11 +25,23 @@ def check_shape(dims, field: str) -> tuple[tuple[int, ...], int]:
 
     The count is a Python int (math.prod), so shapes such as [2^62, 2^62] cannot wrap around int64.
     """
-    shape = tuple(int(s) for s in dims)
-    if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
+    shape = tuple(map(int, dims))
+    if len(shape) > MAX_DIMS or (shape and min(shape) < 0):
         raise InvalidArgument(f"{field}.shape: {list(shape)[:MAX_DIMS + 1]} is not a valid shape "
                               f"(at most {MAX_DIMS} dimensions, none negative)")
     return shape, math.prod(shape)
+
+
+def typed_array(values, dtype: np.dtype, field: str) -> np.ndarray:
+    """Values (a list or protobuf repeated field) as `dtype`; integers outside its range are an error, not a
+    silent wrap-around."""
+    if dtype.kind not in "iu":
+        return np.asarray(values, dtype=dtype)
+    wide = np.asarray(values, dtype=np.int64 if dtype.kind == "i" else np.uint64)
+    info = np.iinfo(dtype)
+    if wide.size and (wide.min() < info.min or wide.max() > info.max):
+        raise InvalidArgument(f"{field}.contents: values must fit {dtype.name} ({info.min} to {info.max})")
+    return wide.astype(dtype)
 
 
 def tensor_to_pb(array: np.ndarray) -> gen_pb.Tensor:

@@ -12,6 +12,7 @@ stream is read for two events at most and then cancelled, so a fuzzed 1000-step 
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 
 import grpc
@@ -245,3 +246,89 @@ def garbage() -> st.SearchStrategy[tuple[str, str, bytes]]:
     methods = [("gen", m) for m in ["Sample", "Translate", "Encode", "Decode", "ListModels", "Generate"]] + \
         [("oip", m) for m in ["ModelInfer", "ModelMetadata", "ModelConfig", "ModelStatistics"]]
     return st.tuples(st.sampled_from(methods), st.binary(min_size=1, max_size=64)).map(lambda t: (*t[0], t[1]))
+
+
+# --- OIP v2 over REST ----------------------------------------------------------------------------------
+
+# HTTP codes a REST request may get back (serve/rest.py HTTP_STATUS, plus aiohttp's 405 and 413); 500 is a bug
+DOCUMENTED_HTTP = {200, 400, 401, 404, 405, 413, 429, 503, 504}
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                        max_size=4), max_leaves=12)
+
+
+def _rest_tensors(draw, req: oip.ModelInferRequest) -> tuple[dict, list[bytes]]:
+    """A ModelInferRequest as an OIP REST body: JSON `data`, or binary tensor data after the JSON."""
+    binary = draw(st.booleans())
+    tensors, chunks = [], []
+    for i, t in enumerate(req.inputs):
+        tensor = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+        raw = req.raw_input_contents[i] if i < len(req.raw_input_contents) else None
+        if raw is not None and binary:
+            tensor["parameters"] = {"binary_data_size": draw(st.sampled_from([len(raw), len(raw), len(raw) + 1]))}
+            chunks.append(raw)
+        elif raw is not None:
+            kind = np.dtype(DTYPE_OF.get(t.datatype, "<f4"))
+            tensor["data"] = np.frombuffer(raw[:len(raw) // kind.itemsize * kind.itemsize], kind).tolist()
+        else:
+            tensor["data"] = list(getattr(t.contents, TYPED.get(t.datatype, "fp32_contents")))
+        tensors.append(tensor)
+    body = {"inputs": tensors, "id": req.id}
+    if req.outputs:
+        body["outputs"] = [{"name": o.name, "parameters": {"binary_data": draw(st.booleans())}} for o in req.outputs]
+    return body, chunks
+
+
+@st.composite
+def rest_calls(draw) -> tuple[str, str, dict, bytes]:
+    """(HTTP method, path, headers, body) of OIP v2 REST requests, valid and hostile (repository load and
+    unload left out, as in oip_calls)."""
+    from urllib.parse import quote
+
+    name = quote(draw(graph_names), safe="")
+    version = draw(st.sampled_from(["", "/versions/1", "/versions/99", "/versions/x", "/versions/%C2%B2"]))
+    kind = draw(st.sampled_from(["infer", "infer", "infer", "get", "index", "json", "garbage"]))
+    if kind == "get":
+        path = draw(st.sampled_from(["/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/stats", "/metrics",
+                                     f"/v2/models/{name}{version}", f"/v2/models/{name}{version}/ready",
+                                     f"/v2/models/{name}{version}/config", f"/v2/models/{name}{version}/stats",
+                                     "/v2/nothing", f"/v2/models/{name}/versions"]))
+        return draw(st.sampled_from(["GET", "GET", "GET", "POST", "DELETE"])), path, {}, b""
+    if kind == "index":
+        body = draw(st.sampled_from([b"", b"{}", b'{"ready": true}', b"[]", b"{"]))
+        return "POST", "/v2/repository/index", {}, body
+    req = draw(infer_requests())
+    path = f"/v2/models/{quote(req.model_name, safe='')}" + (f"/versions/{quote(req.model_version, safe='')}"
+                                                             if req.model_version else "") + "/infer"
+    if kind == "json":  # any JSON at all
+        return "POST", path, {"Content-Type": "application/json"}, json.dumps(draw(json_values)).encode()
+    if kind == "garbage":
+        return "POST", path, {}, draw(st.binary(max_size=64))
+    body, chunks = _rest_tensors(draw, req)
+    header = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if chunks:
+        length = draw(st.sampled_from([len(header)] * 4 + [len(header) + 5, 0, "x", -1]))
+        headers = {"Inference-Header-Content-Length": str(length), "Content-Type": "application/octet-stream"}
+    return "POST", path, headers, header + b"".join(chunks)
+
+
+def send_rest(host_port: str, call: tuple[str, str, dict, bytes], timeout: float = 60) -> Outcome:
+    """One REST call; the outcome's code is the HTTP status as text, its details the error body's message."""
+    import http.client
+
+    method, path, headers, body = call
+    conn = http.client.HTTPConnection(host_port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body or None, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    if resp.status == 200:
+        return Outcome("200", "")
+    try:
+        details = json.loads(data)["error"]
+    except (ValueError, KeyError, TypeError):
+        details = ""  # an error without the protocol's body: the caller flags it
+    return Outcome(str(resp.status), details if isinstance(details, str) else "")

@@ -59,13 +59,44 @@ def test_concurrent_requests_share_runs():
 
 def test_a_batch_closes_at_max_batch_size_and_big_requests_are_split():
     rec = Recorder()
-    b = DynamicBatcher(rec, name="t", max_batch_size=4, max_queue_delay_ms=300)
+    b = DynamicBatcher(rec, name="t", max_batch_size=4, max_queue_delay_ms=5000)  # long: a wait would show
     t0 = time.monotonic()
     out = b.run_sync(rows(0, 10))
-    assert rec.times[1] - t0 < 0.2, "a full batch must not wait for the delay"
-    assert rec.times[2] - t0 >= 0.29, "the rest waits, at most the delay since the request came, for company"
+    assert rec.times[-1] - t0 < 2.5, "no other request is coming: the rest runs at once, not after the delay"
     np.testing.assert_array_equal(out["y"], rows(0, 10)["x"] * 2)
     assert [len(x) for x in rec.batches] == [4, 4, 2]
+    b.close()
+
+
+def test_a_lone_request_on_an_idle_graph_runs_at_once():
+    rec = Recorder()
+    b = DynamicBatcher(rec, name="t", max_batch_size=64, max_queue_delay_ms=5000)
+    for i in range(3):
+        t0 = time.monotonic()
+        b.run_sync(rows(i, 1))
+        assert rec.times[-1] - t0 < 2.5, "the queue delay must not hold a request that has no company coming"
+        time.sleep(0.05)
+    b.close()
+
+
+def test_the_delay_holds_a_partial_batch_only_while_requests_outpace_a_run():
+    """Runs cost 30 ms whatever their size and a request comes every ~3 ms: holding for company pays off,
+    so runs fill up to max_batch_size instead of taking only what arrived during the last run."""
+    def slow(feeds):
+        time.sleep(0.03)
+        return rec(feeds)
+
+    rec = Recorder()
+    b = DynamicBatcher(slow, name="t", max_batch_size=16, max_queue_delay_ms=200)
+    futures = []
+    for i in range(120):
+        futures.append(b.submit(rows(i, 1)))
+        time.sleep(0.003)
+    for i, f in enumerate(futures):
+        np.testing.assert_array_equal(f.result(10)["y"], rows(i, 1)["x"] * 2)
+    sizes = [len(x) for x in rec.batches]
+    assert sizes[0] == 1, "the first request found the graph idle"
+    assert sizes.count(16) >= 3, sizes
     b.close()
 
 

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of both services' request messages against the real server.
+"""Property-based fuzzing of both services' request messages, and of OIP v2 over REST, against the real server.
 
 Every request, valid or hostile, gets a documented status (never UNKNOWN or INTERNAL) within its
 timeout; an error's message names what was wrong; the server stays healthy. bench/fuzz.py runs the
@@ -13,7 +13,16 @@ from hypothesis import HealthCheck, given, settings
 from tritonclient.grpc import service_pb2 as oip
 
 from protos import generator_pb2 as pb
-from tests.serve.strategies import DOCUMENTED, garbage, generator_calls, oip_calls, send
+from tests.serve.strategies import (
+    DOCUMENTED,
+    DOCUMENTED_HTTP,
+    garbage,
+    generator_calls,
+    oip_calls,
+    rest_calls,
+    send,
+    send_rest,
+)
 
 FUZZ = settings(max_examples=120, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -53,6 +62,15 @@ def test_inference_requests(channel, call):
 def test_bytes_that_are_not_messages(channel, call):
     service, method, payload = call
     _check(send(channel, service, method, payload, timeout=60), method, payload)
+
+
+@FUZZ
+@given(call=rest_calls())
+def test_rest_requests(server, call):
+    outcome = send_rest(server.http_target, call)
+    assert int(outcome.code) in DOCUMENTED_HTTP, f"{call!r:.400} -> {outcome.code}: {outcome.details}"
+    if outcome.code != "200":
+        assert outcome.details.strip(), f"{call!r:.300} -> {outcome.code} without the protocol's error body"
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", "%2e%2e", "/etc/passwd", "tiny-gan\n", "tiny-gan/../tiny-vae"])

@@ -2,14 +2,19 @@
 by the openssl command line (a throwaway CA signing a server and a client certificate)."""
 from __future__ import annotations
 
+import json
 import shutil
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -53,7 +58,7 @@ def gan_repo(tiny_repo, tmp_path_factory):
 def tls_server(gan_repo, pki):
     """TLS plus a token from a file; repository control left off."""
     srv = start_server(gan_repo, "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
-                       "--auth-token-file", str(pki / "token"))
+                       "--auth-token-file", str(pki / "token"), "--metrics-port", "0")
     yield srv
     stop_server(srv)
 
@@ -107,6 +112,51 @@ def test_tritonclient_with_the_token_header(tls_server, pki):
     client.close()
 
 
+def _https(srv, pki, path: str, token: str | None = None, cert: bool = False, body: bytes | None = None):
+    """(status, JSON body) of one HTTPS request to the REST port."""
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    if cert:
+        context.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(f"https://127.0.0.1:{srv.http_port}{path}", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30, context=context) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_rest_takes_the_same_tls_and_token(tls_server, pki):
+    with pytest.raises(OSError):  # plain HTTP to the TLS port gets no answer (a reset or a closed connection)
+        urllib.request.urlopen(f"http://127.0.0.1:{tls_server.http_port}/v2", timeout=10)
+    assert _https(tls_server, pki, "/v2/health/ready") == (200, {"ready": True}), "health needs no token"
+    for token in (None, "nope", TOKEN + "x"):
+        status, doc = _https(tls_server, pki, "/v2", token)
+        assert status == 401 and "bearer token" in doc["error"]
+    assert _https(tls_server, pki, "/v2/models/tiny-gan.generator", TOKEN)[0] == 200
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    for port in (tls_server.http_port, tls_server.metrics_port):  # /metrics on both: TLS and the token too
+        url = f"https://127.0.0.1:{port}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(url, timeout=30, context=context)
+        assert info.value.code == 401
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(req, timeout=30, context=context) as resp:
+            assert b"nv_inference_request_success_total" in resp.read()
+    status, doc = _https(tls_server, pki, "/v2/repository/models/tiny-gan/load", TOKEN, body=b"")
+    assert status == 400 and "repository control is off" in doc["error"]
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{tls_server.http_port}", ssl=True,
+                                              ssl_options={"ca_certs": str(pki / "ca.pem")})
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    with pytest.raises(InferenceServerException, match="bearer token"):
+        client.get_server_metadata()
+    inputs = [httpclient.InferInput("z", [1, 8], "FP32"), httpclient.InferInput("label", [1], "INT64")]
+    inputs[0].set_data_from_numpy(np.zeros((1, 8), np.float32))
+    inputs[1].set_data_from_numpy(np.array([3], np.int64))
+    assert client.infer("tiny-gan.generator", inputs, headers=headers).as_numpy("image").shape == (1, 1, 32, 32)
+    client.close()
+
+
 def test_cli_client_token_and_tls_options(tls_server, pki, tmp_path):
     def gen(*args):
         return subprocess.run([sys.executable, "-m", "gen", "sample", "--model", "tiny-gan", "-n", "2", "-o",
@@ -134,6 +184,10 @@ def test_mutual_tls_and_the_token_from_the_environment(gan_repo, pki):
         assert _code(lambda: stub.Sample(request, timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
         assert len(stub.Sample(request, timeout=30, metadata=auth).png) == 1
         channel.close()
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):  # REST too needs the cert
+            _https(srv, pki, "/v2", TOKEN)
+        assert _https(srv, pki, "/v2", None, cert=True)[0] == 401
+        assert _https(srv, pki, "/v2", TOKEN, cert=True)[1]["name"] == "gen"
     finally:
         stop_server(srv)
 

@@ -204,10 +204,26 @@ def test_health_and_reflection(server):
 
 
 def test_metrics_endpoint(server, client):
+    """Scraped and parsed with prometheus_client's own parser, on the metrics port and on the REST port."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     client.sample("tiny-gan", n=2, seed=0)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    assert 'nv_inference_request_success{model="tiny-gan.generator",version="1"}' in body
-    assert "nv_inference_exec_count" in body and "nv_inference_queue_duration_us" in body
+    for port in (server.metrics_port, server.http_port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain; version=")  # the text exposition format
+            families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+        labels = {"model": "tiny-gan.generator", "version": "1"}
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+        key = tuple(sorted(labels.items()))
+        assert families["nv_inference_request_success"].type == "counter"
+        assert samples[("nv_inference_request_success_total", key)] >= 1
+        assert samples[("nv_inference_exec_count_total", key)] >= 1
+        for name in ("gen_request_duration_seconds", "gen_queue_duration_seconds", "gen_compute_duration_seconds"):
+            assert families[name].type == "histogram"
+            count = samples[(f"{name}_count", key)]
+            assert count >= 1 and samples[(f"{name}_sum", key)] > 0
+            assert samples[(f"{name}_bucket", tuple(sorted({**labels, "le": "+Inf"}.items())))] == count
+        assert families["process_resident_memory_bytes"].samples[0].value > 0
 
 
 def test_cli_client_commands(server, tmp_path):
@@ -220,7 +236,9 @@ def test_cli_client_commands(server, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size[0] > 32
     proc = gen("generate", "--model", "tiny-diffusion", "-n", "2", "--steps", "3", "-o", str(tmp_path / "g.png"))
-    assert proc.returncode == 0 and "step 3/3" in proc.stderr, proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    steps = [line for line in proc.stderr.splitlines() if line.startswith("step")]
+    assert steps == ["step 1/3", "step 2/3", "step 3/3"], "not a terminal: one line per step, no carriage returns"
     img = tmp_path / "in.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
     proc = gen("translate", "--model", "tiny-cyclegan", "--direction", "BtoA", str(img), "-o", str(tmp_path / "t.png"))
