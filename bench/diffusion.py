@@ -131,7 +131,7 @@ def run(base: Path, families: dict, repeats: int, steps: int = STEPS, log=print)
         "diffusers DDIMScheduler + PyTorch": lambda: _timed(lambda: _diffusers(unet, manifest, x_T, labels, guidance,
                                                                                 steps)),
     }
-    _offline(session, schedule, x_T[:2], labels[:2], guidance, 2)  # warm-up of the direct sides
+    _offline(session, schedule, x_T, labels, guidance, 2)  # warm-up of the direct sides (the session's 32-row buffers)
     _diffusers(unet, manifest, x_T[:2], labels[:2], guidance, 2)
     samples: dict[str, list[float]] = {name: [] for name in sides}
     try:
