@@ -41,10 +41,11 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e ".[train,serve,dev,bench]"
 	touch $(BENCH_STAMP)
 
-# PyTriton needs numpy < 2: its own environment, patched for this Python (bench/pytriton_patch.py).
+# PyTriton needs numpy < 2: its own environment, patched for this Python (bench/pytriton_patch.py); onnx because
+# bench/pytriton_server.py takes the session options from serve.session, which imports it.
 # A failure here is not fatal: the report then says why PyTriton was not measured.
 $(PYTRITON)/.stamp:
-	-python3 -m venv $(PYTRITON) && $(PYTRITON)/bin/pip install -q "nvidia-pytriton==0.7.0" onnxruntime \
+	-python3 -m venv $(PYTRITON) && $(PYTRITON)/bin/pip install -q "nvidia-pytriton==0.7.0" onnxruntime onnx \
 		&& $(PYTRITON)/bin/python bench/pytriton_patch.py && touch $@
 
 bench-setup: $(BENCH_STAMP) $(PYTRITON)/.stamp

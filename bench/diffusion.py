@@ -1,10 +1,12 @@
 """Case 3: 32 concurrent generate requests of 50 DDIM steps, four ways, on the same U-Net.
 
   * step-level batching: serve.runtime.Runtime (the server's core, in process), 32 concurrent
-    `generate(n=1)` calls; the DiffusionScheduler runs the step graph once per iteration for all of them;
-  * one loop per request: the same with max_batch_size=1, i.e. 32 x 50 step-graph runs at batch 1;
-  * offline batch: the 32 as one batch through the step graph (serve.runtime.GraphRunner), 50 runs,
-    no scheduler: the floor for step-level batching;
+    `generate(n=1)` calls; the DiffusionScheduler runs the iteration graph (serve/denoising.py: the
+    exported denoiser on a doubled batch for guidance, x0, the sampler update) once per step for all of them;
+  * one loop per request: the same with max_batch_size=1, i.e. 32 x 50 iteration-graph runs at batch 1;
+  * offline batch: the 32 as one batch through the same iteration graph (serve.session.DenoisingSession,
+    state on the device, DDIM's plan from serve/samplers), 50 runs, no scheduler: the floor for
+    step-level batching;
   * diffusers: DDIMScheduler (configured like the model: linear betas, trailing spacing, clipped x0)
     driving the same U-Net in PyTorch eager, classifier-free guidance as one doubled batch.
 Each side runs `repeats` times in turn; the table has the medians. The diffusers loop and the offline
@@ -53,21 +55,23 @@ async def _first(rt) -> None:
         pass
 
 
-def _offline(runner, manifest: dict, x_T: np.ndarray, labels: np.ndarray, guidance: float, steps: int) -> np.ndarray:
-    """The DDIM loop over the step graph at batch len(x_T), as serve.diffusion feeds it."""
+def _offline(session, schedule, x_T: np.ndarray, labels: np.ndarray, guidance: float, steps: int) -> np.ndarray:
+    """DDIM at eta 0 through the iteration graph at batch len(x_T): the rows the scheduler would feed, minus it."""
     from serve.diffusion import timestep_pairs
-    from serve.manifest import SAMPLERS
+    from serve.samplers import SAMPLERS, padded_plan
 
     n = len(x_T)
-    full = lambda v, dt: np.full(n, v, dt)  # noqa: E731
-    x, x0, t_last = x_T.copy(), np.zeros_like(x_T), full(-1, np.int64)
-    noise = np.zeros_like(x_T)
-    for t, t_prev in timestep_pairs(steps, manifest["diffusion"]["num_train_timesteps"]):
-        out = runner.run({"x_t": x, "t": full(t, np.int64), "t_prev": full(t_prev, np.int64), "label": labels,
-                          "guidance": full(guidance, np.float32), "eta": full(0.0, np.float32), "noise": noise,
-                          "sampler": full(SAMPLERS["ddim"], np.int64), "x0_prev": x0, "t_last": t_last})
-        x, x0, t_last = out["x_prev"], out["x0"], full(t, np.int64)
-    return np.clip(x, -1, 1)
+    ddim = SAMPLERS["ddim"]
+    pairs = timestep_pairs(steps, schedule.T)
+    plan = padded_plan(ddim, schedule, pairs, 0.0, session.state_size)  # [steps, S, S + 2]
+    conv = np.array([(*schedule.to_x0(t), 1.0 if ddim.clip_x0 else 0.0) for t, _ in pairs], np.float32)
+    slots = np.arange(n)
+    session.admit(slots, x_T)
+    for k, (t, _) in enumerate(pairs):
+        out = session.step(slots=slots, t=np.full(n, t, np.int64), label=labels,
+                           guidance=np.full(n, guidance, np.float32), conv=np.tile(conv[k], (n, 1)),
+                           coef=np.repeat(plan[k][None], n, axis=0), noise=None)
+    return np.clip(out.x(), -1, 1)
 
 
 def _diffusers(unet, manifest: dict, x_T: np.ndarray, labels: np.ndarray, guidance: float, steps: int) -> np.ndarray:
@@ -100,7 +104,8 @@ def run(base: Path, families: dict, repeats: int, steps: int = STEPS, log=print)
     import torch
 
     from serve.manifest import parse_manifest
-    from serve.runtime import GraphRunner, available_threads
+    from serve.samplers import NoiseSchedule, state_size
+    from serve.session import DenoisingSession, available_threads
 
     torch.set_num_threads(available_threads())
     src = base / "exported" / MODEL / "1"
@@ -113,17 +118,20 @@ def run(base: Path, families: dict, repeats: int, steps: int = STEPS, log=print)
     shape = (manifest["image"]["channels"], manifest["image"]["height"], manifest["image"]["width"])
     x_T = np.random.default_rng(0).standard_normal((REQUESTS, *shape), dtype=np.float32)
     labels = (np.arange(REQUESTS) % max(k, 1)).astype(np.int64)
-    runner = GraphRunner(src, parse_manifest(manifest).graphs["step"], device="cpu")
+    d = manifest["diffusion"]
+    schedule = NoiseSchedule.of(d["schedule"], d["num_train_timesteps"], d["prediction"])
+    # the server's state layout (every sampler's state size), so the offline batch does the server's work
+    session = DenoisingSession(src, parse_manifest(manifest), state_size(), capacity=REQUESTS, device="cpu")
     unet = families[MODEL].ema.eval()
 
     sides = {
         "step-level batching": lambda: _serve(repo, None, steps),
         "one loop per request": lambda: _serve(repo, 1, steps),
-        "offline batch": lambda: _timed(lambda: _offline(runner, manifest, x_T, labels, guidance, steps)),
+        "offline batch": lambda: _timed(lambda: _offline(session, schedule, x_T, labels, guidance, steps)),
         "diffusers DDIMScheduler + PyTorch": lambda: _timed(lambda: _diffusers(unet, manifest, x_T, labels, guidance,
                                                                                 steps)),
     }
-    _offline(runner, manifest, x_T[:2], labels[:2], guidance, 2)  # warm-up of the direct sides
+    _offline(session, schedule, x_T, labels, guidance, 2)  # warm-up of the direct sides (the session's 32-row buffers)
     _diffusers(unet, manifest, x_T[:2], labels[:2], guidance, 2)
     samples: dict[str, list[float]] = {name: [] for name in sides}
     try:
@@ -133,7 +141,7 @@ def run(base: Path, families: dict, repeats: int, steps: int = STEPS, log=print)
                 samples[name].append(seconds)
                 log(f"  [{rep + 1}/{repeats}] {name}: {seconds:.2f} s for {REQUESTS} x {steps} steps "
                     f"({REQUESTS / seconds:.1f} images/s)")
-        ours = _offline(runner, manifest, x_T, labels, guidance, steps)
+        ours = _offline(session, schedule, x_T, labels, guidance, steps)
         theirs = _diffusers(unet, manifest, x_T, labels, guidance, steps)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Case 1: one forward pass of every exported graph, PyTorch eager vs onnxruntime, same inputs, same process.
 
 PyTorch runs the module that trainer.export exported (eval mode, inference_mode); onnxruntime runs the
-exported file through serve.runtime.GraphRunner, i.e. with the server's own session options. The two
+exported file through serve.session.GraphRunner, i.e. with the server's own session options. The two
 are timed in turn (A B A B) so that load from elsewhere on the machine lands on both.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ def run(base: Path, families: dict, repeats: int, log=print) -> list[dict]:
     import torch
 
     from serve.manifest import parse_manifest
-    from serve.runtime import GraphRunner, available_threads
+    from serve.session import GraphRunner, available_threads
     from trainer.export import example_inputs
 
     torch.set_num_threads(available_threads())  # the same cores for both sides

@@ -1,6 +1,6 @@
 """The session options the server uses, against the alternatives, on the same graphs in the same run.
 
-Evidence for serve.runtime.session_options(): each variant changes one setting from the server's options
+Evidence for serve.session.session_options(): each variant changes one setting from the server's options
 (every graph optimisation, intra-op threads = cores, worker threads that spin while waiting) and is timed
 in turn with the others on a small, a middle and a large graph at batch 1 and 64.
 """
@@ -12,14 +12,14 @@ from pathlib import Path
 from bench.profile import random_feeds
 from bench.timing import interleaved_ms
 
-GRAPHS = (("mnist-cgan", "generator"), ("mnist-vae", "decoder"), ("mnist-diffusion", "step"))
+GRAPHS = (("mnist-cgan", "generator"), ("mnist-vae", "decoder"), ("mnist-diffusion", "denoiser"))
 BATCHES = (1, 64)
 
 
 def variants():
     import onnxruntime as ort
 
-    from serve.runtime import session_options
+    from serve.session import session_options
 
     def extended():
         o = session_options()

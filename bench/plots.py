@@ -69,7 +69,7 @@ def diffusion(result: dict, path: Path) -> None:
 def roofline(result: dict, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3))
-    names = ["numpy MatMul", "onnxruntime MatMul", f"step graph, batch {result['batch']}"]
+    names = ["numpy MatMul", "onnxruntime MatMul", f"iteration graph, {result['batch']} rows"]
     values = [result["peak"]["numpy_gflops"], result["peak"]["onnxruntime_gflops"], result["achieved_gflops"]]
     ax.barh(names, values, color=["grey", "grey", "tab:green"])
     ax.axvline(0.5 * result["peak_gflops"], color="red", linestyle="--", linewidth=1, label="50% of peak")

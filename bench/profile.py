@@ -14,17 +14,19 @@ from pathlib import Path
 import numpy as np
 
 
-def op_times(path: Path, feeds: dict[str, np.ndarray], runs: int = 3) -> list[dict]:
-    """[{op, ms per run, share}] sorted by time, from `runs` profiled runs after one warm-up."""
+def op_times(model: Path | bytes, feeds: dict[str, np.ndarray], runs: int = 3) -> list[dict]:
+    """[{op, ms per run, share}] sorted by time, from `runs` profiled runs after one warm-up; `model` is a
+    graph file or a serialized ModelProto (e.g. the iteration graph assembled at load time)."""
     import onnxruntime as ort
 
-    from serve.runtime import session_options
+    from serve.session import session_options
 
     options = session_options()
     prefix = Path(tempfile.mkdtemp(prefix="gen-bench-profile-")) / "ort"
     options.enable_profiling = True
     options.profile_file_prefix = str(prefix)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                   providers=["CPUExecutionProvider"])
     outputs = [o.name for o in session.get_outputs()]
     session.run(outputs, feeds)
     for _ in range(runs):

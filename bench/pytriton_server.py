@@ -4,7 +4,7 @@ Runs in its own environment (bench/.venv-pytriton: nvidia-pytriton needs numpy <
 
     bench/.venv-pytriton/bin/python bench/pytriton_server.py --onnx G.onnx --name gan --grpc-port P --http-port Q
 
-The onnxruntime session gets the server's own options (serve.runtime.session_options), and Triton's
+The onnxruntime session gets the server's own options (serve.session.session_options), and Triton's
 batcher the same policy as ours (max batch size, max queue delay), so the two differ only in the
 serving machinery. Prints "ready" once Triton answers.
 """
@@ -22,7 +22,7 @@ from pytriton.decorators import batch  # noqa: E402
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor  # noqa: E402
 from pytriton.triton import Triton, TritonConfig  # noqa: E402
 
-from serve.runtime import session_options  # noqa: E402 - after the repository root is importable
+from serve.session import session_options  # noqa: E402 - after the repository root is importable
 
 DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
 

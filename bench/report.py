@@ -7,14 +7,15 @@ NO_GPU = "not measured (no GPU lent to this task)"
 
 # What the benchmarks led to in the product (serve/); kept here so every regenerated report carries it.
 CHANGES = """\
-The session options were measured in two full runs on this shared machine: one while other CPU-bound
-jobs ran (2026-11-24 19:29 UTC, load average 1.8 to 4.0 over the run) and one that started on a quiet
-machine (21:29 UTC, load average 0.7 at the start). The session-options table above is from the run
+The session options were measured in two full runs on this shared machine, before issue #11 replaced the
+exported step graph (sampler maths inside) with the denoiser and the iteration graph assembled at load time:
+one while other CPU-bound jobs ran (2026-11-24 19:29 UTC, load average 1.8 to 4.0 over the run) and one that
+started on a quiet machine (21:29 UTC, load average 0.7 at the start). The session-options table above is from the run
 that produced this file.
 
 - **Added to the product: `gen serve --threads N` and `--spin/--no-spin`** (`serve.runtime.session_options`,
   `Runtime(threads=, spin=)`). In the contended run, worker threads that do not spin were faster on the
-  U-Net step graph (x0.76 at batch 1, x0.82 at batch 64) and one intra-op thread faster still (x0.48,
+  U-Net step graph of that time (x0.76 at batch 1, x0.82 at batch 64) and one intra-op thread faster still (x0.48,
   x0.71; VAE decoder x0.65 and x0.62): spinning threads fight the other processes for the cores. In the
   quiet run both lost on every graph (e.g. step graph at batch 64: x1.10 without spinning, x1.68 with one
   thread). So the defaults stay (threads = the cores the process may use, spinning), and a deployment
@@ -90,11 +91,11 @@ def write(results: dict, path: Path, plots: dict[str, str]) -> None:
     if "diffusion" in results:
         lines += _diffusion(results["diffusion"], results.get("forward", []), plots.get("diffusion"))
     if "roofline" in results:
-        lines += _roofline(results["roofline"], results.get("profile_step", []), results.get("forward", []),
-                           plots.get("roofline"))
+        lines += _roofline(results["roofline"], results.get("profile_step", []), plots.get("roofline"))
     lines += ["## Changes made to the product", "", CHANGES, "## GPU", "",
               "| row | target | result |", "|---|---|---|",
-              f"| step graph, IO binding + CUDA graphs + fp16 vs PyTorch eager fp32, batch 64 | >= 3x | {NO_GPU} |",
+              f"| denoising iteration, IO binding + CUDA graphs + fp16 vs PyTorch eager fp32, batch 64 | >= 3x | "
+              f"{NO_GPU} |",
               f"| 32x32 images/s at 50 DDIM steps through the server | >= 2,000 | {NO_GPU} |",
               f"| case 1 on CUDA (IO binding, CUDA graphs, fp16) | | {NO_GPU} |", "",
               "## Commands", "", "```", *results["commands"], "```", ""]
@@ -139,7 +140,7 @@ def _targets(r: dict) -> list[str]:
     if "roofline" in r:
         f = r["roofline"]["fraction_of_peak"]
         rows.append(f"| 4 | >= 50% of the measured matmul peak at batch 64 | {f:.0%} | {_verdict(f >= 0.5)} |")
-    rows.append(f"| GPU | step graph >= 3x PyTorch eager; >= 2,000 images/s | {NO_GPU} | |")
+    rows.append(f"| GPU | denoising iteration >= 3x PyTorch eager; >= 2,000 images/s | {NO_GPU} | |")
     return rows + [""]
 
 
@@ -179,8 +180,8 @@ FORWARD_LIMITS = ("At batch 64 both sides spend nearly all their time in convolu
                   "overhead (which is what onnxruntime removes at batch 1). The profiles below show which kernels: "
                   "onnxruntime's CPU ConvTranspose (col2im after a GEMM, no NCHWc kernel) is the largest item in the "
                   "decoders that upsample with it, and the NCHWc layout reorders plus reflection Pad cost the "
-                  "ResNet generators. At batch 1 the step graph (538 nodes, many of them tiny element-wise and shape "
-                  "ops around the sampler maths) pays per-node dispatch on every one. The session options that "
+                  "ResNet generators. At batch 1 a graph of many tiny element-wise and shape ops pays per-node "
+                  "dispatch on every one. The session options that "
                   "could matter are compared in the next section; closing the batch-64 gaps needs different graphs "
                   "(e.g. resize + conv instead of ConvTranspose), a trainer-side change outside this issue.")
 
@@ -300,8 +301,10 @@ def _diffusion(d: dict, forward: list[dict], plot: str | None) -> list[str]:
     out = [f"## Case 3: {d['requests']} concurrent generate requests of {d['steps']} DDIM steps (CPU)", "",
            f"Model: `{d['model']}` (conditional, classifier-free guidance {d['guidance']:g}: every U-Net "
            "run is a doubled batch). Step-level batching and one loop per request go through "
-           "`serve.runtime.Runtime` in process (the server's core: validation, the DiffusionScheduler, the step "
-           "graph); the offline batch runs the step graph directly; diffusers' DDIMScheduler "
+           "`serve.runtime.Runtime` in process (the server's core: validation, the DiffusionScheduler, the iteration "
+           "graph assembled at load time around the exported denoiser: guidance as one doubled batch, x0, DDIM's "
+           "update, state kept in the session between steps); the offline batch runs the same iteration graph "
+           "directly through `serve.session.DenoisingSession`, 32 rows per run; diffusers' DDIMScheduler "
            "(linear betas, trailing spacing, clipped x0) drives the same U-Net in PyTorch eager. "
            f"The offline batch and the diffusers loop, started from the same x_T, end within "
            f"{d['max_abs_diff_vs_diffusers']:.1e} (max abs, images in [-1, 1]) of each other: the same work.", "",
@@ -335,38 +338,37 @@ def _diffusion(d: dict, forward: list[dict], plot: str | None) -> list[str]:
                 f"the same alone as in a batch (case 1: {_f(den[1]['ort_ms'])} ms at batch 1, "
                 f"{_f(per_row)} ms per row at batch 64), so merging rows saves little compute, and a batch-1 run "
                 "still keeps both cores busy through onnxruntime's intra-op threads. The loops make "
-                f"{d['requests']} x {d['steps']} step-graph runs where step-level batching makes about "
+                f"{d['requests']} x {d['steps']} iteration-graph runs where step-level batching makes about "
                 f"{d['steps']}; that pays off where a run's fixed cost dominates (kernel launches on a GPU), "
                 "not on this CPU."]
     if ratios["vs_offline"] < 0.9:
-        out += ["", "**Gap to the offline batch:** the scheduler's per-step work (stacking rows, drawing noise, "
-                "copying outputs back per row) is on the same cores as the graph."]
+        out += ["", "**Gap to the offline batch:** the scheduler's per-step work (stacking rows' coefficients, "
+                "drawing noise, copying finished images back) is on the same cores as the graph."]
     if plot:
         out += ["", f"![case 3]({plot})"]
     return out + [""]
 
 
-def _roofline(r: dict, profile: list[dict], forward: list[dict], plot: str | None) -> list[str]:
-    out = [f"## Case 4: roofline of one denoising step at batch {r['batch']} (CPU)", "",
-           f"FLOPs counted from `step.onnx` with the batch axis fixed to {r['batch']} and onnx shape inference "
-           "(Conv, ConvTranspose, Gemm, MatMul; 2 FLOPs per multiply-accumulate; classifier-free guidance "
-           f"doubles the U-Net batch inside the graph): **{_f(r['gflop'])} GFLOP** per step ("
+def _roofline(r: dict, profile: list[dict], plot: str | None) -> list[str]:
+    out = [f"## Case 4: roofline of one denoising step, {r['batch']} rows (CPU)", "",
+           "One step is one run of the iteration graph (`serve/denoising.py`: the exported denoiser with "
+           "classifier-free guidance as one doubled batch, x0 and DDIM's update, the rows' state gathered from and "
+           f"scattered to the session's pool), {r['batch']} rows, timed through `serve.session.DenoisingSession` as "
+           f"the scheduler runs it; the U-Net inside runs at batch {2 * r['batch']}. FLOPs counted from that graph "
+           f"with its batch axes fixed to {r['batch']} and onnx shape inference "
+           "(Conv, ConvTranspose, Gemm, MatMul; 2 FLOPs per multiply-accumulate): "
+           f"**{_f(r['gflop'])} GFLOP** per step ("
            + ", ".join(f"{op} {v / 1e9:.2f}" for op, v in r["flops_by_op"].items()) + " GFLOP).", "",
            "| | GFLOP/s |", "|---|---|",
            f"| numpy {r['peak']['n']}x{r['peak']['n']} float32 MatMul | {_f(r['peak']['numpy_gflops'], 1)} |",
            f"| onnxruntime {r['peak']['n']}x{r['peak']['n']} float32 MatMul | "
            f"{_f(r['peak']['onnxruntime_gflops'], 1)} |",
-           f"| **step graph, batch {r['batch']}** ({_f(r['step_ms'], 1)} ms per step) | "
+           f"| **iteration graph, {r['batch']} rows** ({_f(r['step_ms'], 1)} ms per step) | "
            f"**{_f(r['achieved_gflops'], 1)}** |", "",
            f"Achieved / measured peak: **{r['fraction_of_peak']:.0%}** (target >= 50%)."]
-    eager = next((x for x in forward if x["model"] == r["model"] and x["graph"] == "step" and x["batch"] == r["batch"]),
-                 None)
-    if eager:
-        gflops = r["gflop"] / eager["torch_ms"] * 1e3
-        out += ["", f"For comparison, the same step in PyTorch eager (case 1, {_f(eager['torch_ms'], 1)} ms) reaches "
-                f"{_f(gflops, 1)} GFLOP/s, {gflops / r['peak_gflops']:.0%} of the peak."]
     if profile:
-        out += ["", "Where a step's time goes (onnxruntime profiler, same session options, same batch):", "",
+        out += ["", "Where a step's time goes (onnxruntime profiler on the same iteration graph, same session options, "
+                "same rows; plain runs without IO binding):", "",
                 "| op | ms per step | share |", "|---|---|---|"]
         out += [f"| {p['op']} | {_f(p['ms'], 1)} | {p['share']:.0%} |" for p in profile[:10]]
         conv = sum(p["share"] for p in profile if p["op"] in ("Conv", "FusedConv", "ConvTranspose", "MatMul",

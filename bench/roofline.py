@@ -1,10 +1,13 @@
 """Case 4: how close one denoising step at batch 64 comes to the machine's matrix-multiply peak.
 
-FLOPs are counted from the exported step graph itself: the batch axis is fixed to 64, onnx shape
-inference gives every tensor's shape, and each Conv, ConvTranspose, Gemm and MatMul node contributes
-2 * multiply-accumulates (the element-wise ops are left out: they are memory-bound and their FLOPs are
-negligible next to these). The peak is measured, not taken from a data sheet: the faster of numpy's
-and onnxruntime's float32 MatMul of two large square matrices on all cores.
+The step is one run of the iteration graph the server assembles at load time around the exported denoiser
+(serve/denoising.py: gather the rows' state, the denoiser on the doubled batch of classifier-free guidance,
+x0, the sampler update, scatter), timed through serve.session.DenoisingSession as the scheduler runs it
+(IO binding, state on the device), 64 rows, i.e. the U-Net at batch 128. FLOPs are counted from that same
+graph: every batch axis is fixed to 64, onnx shape inference gives every tensor's shape, and each Conv,
+ConvTranspose, Gemm and MatMul node contributes 2 * multiply-accumulates (the element-wise ops are left out:
+they are memory-bound and their FLOPs are negligible next to these). The peak is measured, not taken from a
+data sheet: the faster of numpy's and onnxruntime's float32 MatMul of two large square matrices on all cores.
 """
 from __future__ import annotations
 
@@ -20,11 +23,11 @@ BATCH = 64
 PEAK_N = 2048
 
 
-def count_flops(path: Path, batch: int) -> dict[str, float]:
-    """FLOPs of one run of the graph at `batch`, by op type (Conv, ConvTranspose, Gemm, MatMul)."""
+def count_flops(model, batch: int) -> dict[str, float]:
+    """FLOPs of one run of `model` (an onnx.ModelProto) at `batch`, by op type (Conv, ConvTranspose, Gemm, MatMul)."""
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load_from_string(model.SerializeToString())  # a copy: the batch axes are fixed in place
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
         if dims:
@@ -72,7 +75,7 @@ def matmul_peak(repeats: int) -> dict[str, float]:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from serve.runtime import session_options
+    from serve.session import session_options
 
     n = PEAK_N
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
@@ -90,35 +93,67 @@ def matmul_peak(repeats: int) -> dict[str, float]:
     return {"numpy_gflops": flop / np_ms / 1e6, "onnxruntime_gflops": flop / ort_ms / 1e6, "n": n}
 
 
-def run(base: Path, repeats: int, log=print) -> dict:
+def iteration(base: Path):
+    """(the iteration graph of MODEL as the server assembles it, its manifest, its version folder)."""
+    import onnx
+
+    from serve.denoising import iteration_model
     from serve.manifest import parse_manifest
-    from serve.runtime import GraphRunner
+    from serve.samplers import state_size
 
     src = base / "exported" / MODEL / "1"
     manifest = parse_manifest(json.loads((src / "manifest.json").read_text()))
-    flops = count_flops(src / "step.onnx", BATCH)
+    shape = (manifest.image["channels"], manifest.image["height"], manifest.image["width"])
+    denoiser = onnx.load(str(src / manifest.graphs["denoiser"].file))
+    return iteration_model(denoiser, shape, state_size(), manifest.num_classes), manifest, src
+
+
+def step_feeds(manifest, batch: int) -> dict[str, np.ndarray]:
+    """DenoisingSession.step's arguments for `batch` rows in slots 0..batch-1: DDIM mid-way through a 50-step
+    run (t 499 -> 479), guidance 3, no noise."""
+    from serve.samplers import SAMPLERS, NoiseSchedule, padded_plan, state_size
+
+    d = manifest.diffusion
+    schedule = NoiseSchedule.of(d["schedule"], d["num_train_timesteps"], d["prediction"])
+    coef = padded_plan(SAMPLERS["ddim"], schedule, [(499, 479)], 0.0, state_size())
+    full = lambda v, dt: np.full(batch, v, dt)  # noqa: E731
+    return {"slots": np.arange(batch, dtype=np.int64), "t": full(499, np.int64),
+            "label": (np.arange(batch) % max(manifest.num_classes, 1)).astype(np.int64),
+            "guidance": full(3.0, np.float32), "conv": np.tile(np.float32([*schedule.to_x0(499), 1.0]), (batch, 1)),
+            "coef": np.repeat(coef, batch, axis=0), "noise": None}
+
+
+def graph_feeds(manifest, batch: int) -> dict[str, np.ndarray]:
+    """The same step as plain inputs of the iteration graph (for onnxruntime's profiler): a random state pool
+    of `batch` slots, zero noise."""
+    from serve.samplers import state_size
+
+    feeds = step_feeds(manifest, batch)
+    image = (manifest.image["channels"], manifest.image["height"], manifest.image["width"])
+    feeds["state"] = np.random.default_rng(0).standard_normal((batch, state_size(), *image), dtype=np.float32)
+    feeds["noise"] = np.zeros((batch, *image), np.float32)
+    if not manifest.num_classes:
+        del feeds["label"], feeds["guidance"]
+    return feeds
+
+
+def run(base: Path, repeats: int, log=print) -> dict:
+    from serve.samplers import state_size
+    from serve.session import DenoisingSession
+
+    model, manifest, src = iteration(base)
+    flops = count_flops(model, BATCH)
     total = sum(flops.values())
-    runner = GraphRunner(src, manifest.graphs["step"], device="cpu")
+    session = DenoisingSession(src, manifest, state_size(), capacity=BATCH, device="cpu")
     feeds = step_feeds(manifest, BATCH)
-    step_ms = median_ms(lambda: runner.run(feeds), repeats, warmup=2)
+    session.admit(feeds["slots"], np.random.default_rng(0).standard_normal((BATCH, *session.image_shape),
+                                                                           dtype=np.float32))
+    step_ms = median_ms(lambda: session.step(**feeds), repeats, warmup=2)
     peak = matmul_peak(repeats)
     peak_gflops = max(peak["numpy_gflops"], peak["onnxruntime_gflops"])
     achieved = total / step_ms / 1e6
-    log(f"  step graph at batch {BATCH}: {total / 1e9:.2f} GFLOP in {step_ms:.1f} ms = {achieved:.1f} GFLOP/s; "
+    log(f"  iteration graph, {BATCH} rows: {total / 1e9:.2f} GFLOP in {step_ms:.1f} ms = {achieved:.1f} GFLOP/s; "
         f"matmul peak {peak_gflops:.1f} GFLOP/s ({achieved / peak_gflops:.0%})")
     return {"model": MODEL, "batch": BATCH, "flops_by_op": flops, "gflop": total / 1e9, "step_ms": step_ms,
             "achieved_gflops": achieved, "peak": peak, "peak_gflops": peak_gflops,
             "fraction_of_peak": achieved / peak_gflops}
-
-
-def step_feeds(manifest, batch: int) -> dict[str, np.ndarray]:
-    """Plausible step-graph inputs: DDIM, mid-way through a 50-step run, guidance 3."""
-    info = manifest.graphs["step"]
-    shape = next(t.shape for t in info.inputs if t.name == "x_t")[1:]
-    rng = np.random.default_rng(0)
-    image = lambda: rng.standard_normal((batch, *shape), dtype=np.float32)  # noqa: E731
-    full = lambda v, dt: np.full(batch, v, dt)  # noqa: E731
-    return {"x_t": image(), "t": full(499, np.int64), "t_prev": full(479, np.int64),
-            "label": (np.arange(batch) % max(manifest.num_classes, 1)).astype(np.int64),
-            "guidance": full(3.0, np.float32), "eta": full(0.0, np.float32), "noise": image(),
-            "sampler": full(1, np.int64), "x0_prev": np.clip(image(), -1, 1), "t_last": full(519, np.int64)}
