@@ -97,8 +97,10 @@ def write(results: dict, path: Path, plots: dict[str, str]) -> None:
               f"| denoising iteration, IO binding + CUDA graphs + fp16 vs PyTorch eager fp32, batch 64 | >= 3x | "
               f"{NO_GPU} |",
               f"| 32x32 images/s at 50 DDIM steps through the server | >= 2,000 | {NO_GPU} |",
-              f"| case 1 on CUDA (IO binding, CUDA graphs, fp16) | | {NO_GPU} |", "",
-              "## Commands", "", "```", *results["commands"], "```", ""]
+              f"| case 1 on CUDA (IO binding, CUDA graphs, fp16) | | {NO_GPU} |",
+              f"| `make gpu-check`: every graph and a 50-step loop per sampler, CUDA vs CPU | 1e-3 fp32 | {NO_GPU} |",
+              f"| `make gpu-check`: iteration time per batch-size bucket, with vs without CUDA graphs | | {NO_GPU} |",
+              "", "## Commands", "", "```", *results["commands"], "```", ""]
     path.write_text("\n".join(lines))
 
 
