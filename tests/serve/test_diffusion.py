@@ -13,7 +13,7 @@ import pytest
 from serve.diffusion import DiffusionScheduler, Done, Progress, timestep_pairs
 from serve.errors import DeadlineExceeded, Internal, ResourceExhausted
 from serve.runtime import Final, Runtime
-from serve.samplers import SAMPLERS, NoiseSchedule
+from serve.samplers import DEFAULT_SAMPLER, SAMPLERS, NoiseSchedule
 
 SHAPE = (1, 32, 32)
 T = 1000
@@ -30,7 +30,7 @@ def denoiser(repo):
                                 providers=["CPUExecutionProvider"])
 
 
-def reference(session, seed: int, n: int, steps: int, sampler: str = "ddim", guidance: float = 3.0,
+def reference(session, seed: int, n: int, steps: int, sampler: str = DEFAULT_SAMPLER, guidance: float = 3.0,
               eta: float = 0.0, labels=None) -> np.ndarray:
     """The straightforward loop in numpy: one request alone, the documented draws, the trailing timesteps,
     classifier-free guidance as two denoiser calls, the sampler's plan applied row by row."""
