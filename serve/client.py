@@ -33,10 +33,12 @@ SERVICE_CONFIG = json.dumps({
     # A call a replica could not take (it was draining or went away before answering) is UNAVAILABLE; the
     # next attempt goes to another replica. Safe: every call of the API can run twice (a seeded call returns
     # the same images, an unseeded one other valid images; loading or unloading twice is loading once).
-    # A stream is not retried once its first event has arrived.
+    # A stream is not retried once its first event has arrived. CANCELLED from the server is retried too: a
+    # replica that stops cuts the calls its closing port took but never ran (serve.server.ActiveCalls); a cancel
+    # by this client ends the call and is never retried.
     "methodConfig": [{"name": [{}], "retryPolicy": {
         "maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"]}}],
+        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}}],
 })
 
 
