@@ -258,8 +258,11 @@ def test_rolling_restart_fails_no_call(cluster):
     assert all(s >= 1 for s in served), f"every restarted replica is back in rotation: {served}"
 
 
+TEARDOWN_S = 0.25  # how long after SIGKILL a call sent to the dying replica still counts as in flight on it
+
+
 def calls_after(load: Load, t: float) -> list[Outcome]:
-    return [o for o in load.outcomes if o.started > t + 0.2]
+    return [o for o in load.outcomes if o.started > t + TEARDOWN_S]
 
 
 def test_sigkill_costs_only_the_calls_in_flight(cluster):
@@ -280,7 +283,10 @@ def test_sigkill_costs_only_the_calls_in_flight(cluster):
     victim.proc.wait(timeout=10)
     after = calls_after(load, killed_at)
     failures = load.failures()
-    assert all(o.started <= killed_at <= o.ended for o in failures), f"only calls in flight fail: {failures}"
+    # in flight = on the replica when it died; for a moment after SIGKILL the kernel still holds its sockets, and a
+    # call nginx streamed there in that moment is lost with it (nginx cannot resend a gRPC request it has sent)
+    assert all(o.started <= killed_at + TEARDOWN_S and o.ended >= killed_at for o in failures), \
+        f"only calls in flight fail: {failures} (killed at {killed_at})"
     assert len(failures) <= load.threads
     assert len(after) >= 10 and all(o.code == grpc.StatusCode.OK for o in after)
     cluster.restart(1)
