@@ -25,10 +25,12 @@ lint: setup
 demo: setup
 	$(PY) -m gen.demo
 
-# Retrain and re-export the shipped models (about 90 minutes on 2 CPU cores), then score them:
-# `gen eval --check` fails the target when a model misses its quality bar.
+# Retrain and re-export the shipped models (about 90 minutes on 2 CPU cores, plus the student's distillation),
+# then score them: `gen eval --check` fails the target when a model misses its quality bar. The second eval is the
+# teacher at the server's default sampler, for the student's comparison (README, "Few-step students").
 models: setup
 	$(PY) -m gen.defaults
+	$(GEN) eval mnist-diffusion --sampler unipc --steps 10 --json docs/teacher-quality.json
 	$(GEN) eval --check --json docs/quality.json
 
 # Side-by-side benchmarks -> BENCHMARKS.md and bench/plots/ (see bench/__main__.py).

@@ -136,6 +136,51 @@ def train(name, set_, resume, progress, no_flip, **options):
     click.echo(f"run: {result.run_dir} (checkpoint.pt, samples/, metrics.jsonl, config.json)")
 
 
+@cli.command("distill")
+@click.argument("teacher", type=click.Path(file_okay=False))
+@click.option("--steps", type=int, help="Optimisation steps. [default: the diffusion-student preset's]")
+@click.option("--batch-size", type=int, help="Examples per step (per process under torchrun).")
+@click.option("--lr", type=float, help="Learning rate. [default: the preset's]")
+@click.option("--seed", type=int, help="Seed for the trajectories, their order and the weights. [default: 0]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
+@click.option("--run-dir", help="Where config, metrics, samples and checkpoints go. [default: runs/<teacher>-student]")
+@click.option("--sample-every", type=int, help="Steps between sample grids. [default: 500]")
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints. [default: 500]")
+@click.option("--set", "set_", multiple=True, metavar="KEY=VALUE",
+              help="A diffusion option, e.g. --set student_steps=[1,2,4] --set trajectories=20000. Repeatable.")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its checkpoint.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
+def distill_cmd(teacher, set_, resume, progress, **options):
+    """Distil a few-step student from TEACHER, an exported diffusion model (e.g. exported/mnist-diffusion/1).
+
+    The same as `gen train diffusion-student --set distill_from=TEACHER`, with the teacher's architecture, data
+    and guidance filled in from its manifest. The student starts from the teacher's weights, learns where the
+    teacher's trajectories end, takes the guidance scale as an input, and is served with --set student_sampler
+    (default ddim) at --set student_steps steps (default 1, 2, 4). Export it with `gen export` like any run: it
+    serves next to its teacher.
+    """
+    from trainer.distill import TeacherError, load_teacher
+    from trainer.models.diffusion import Diffusion
+
+    try:
+        from trainer.loop import fit
+        from trainer.presets import preset_config
+
+        t = load_teacher(teacher)
+        family_options = {k: t.config[k] for k in (*Diffusion.TEACHER_FIELDS, "guidance") if k in t.config}
+        family_options.update(distill_from=str(t.path), **_parse_set(set_))
+        given = {k: v for k, v in options.items() if v is not None}
+        given.setdefault("run_dir", f"runs/{t.manifest['name']}-student")
+        config = preset_config("diffusion-student", family_options, data=t.manifest["provenance"]["dataset"],
+                               image_size=t.manifest["image"]["height"], **given)
+        result = fit(config, resume=resume, progress=progress)
+    except (*_user_errors(), TeacherError) as e:
+        raise UserError(str(e)) from None
+    losses = " ".join(f"{k}={v:.4f}" for k, v in result.losses.items())
+    click.echo(f"distilled {result.steps} steps in {result.seconds} s: {losses}")
+    click.echo(f"run: {result.run_dir}; export it with `gen export {result.run_dir} --name NAME`")
+
+
 @cli.command("export")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--name", required=True, help="Model name in the repository ([a-z0-9][a-z0-9._-]*).")
@@ -214,9 +259,9 @@ def models_cmd(repo, verify, triton_out):
 @click.option("-n", "n", type=int, default=1000, show_default=True, help="Samples per generator.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples.")
 # gen eval scores diffusion at the setting README's quality table and docs/quality.json were measured at
-@click.option("--sampler", type=click.Choice(list(SAMPLER_NAMES)), default="ddim", show_default=True,
-              help="Diffusion sampler.")
-@click.option("--steps", type=int, default=50, show_default=True, help="Diffusion steps.")
+@click.option("--sampler", type=click.Choice(list(SAMPLER_NAMES)),
+              help="Diffusion sampler. [default: ddim; a distilled student: its own]")
+@click.option("--steps", type=int, help="Diffusion steps. [default: 50; a distilled student: each of its counts]")
 @click.option("--guidance", type=float, help="Diffusion guidance scale. [default: the model's]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the reports as JSON.")
 @click.option("--check", is_flag=True, help="Exit 1 when a metric misses the project's quality bar.")
@@ -237,7 +282,7 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, 
     from pathlib import Path
 
     from serve.manifest import scan_repository
-    from trainer.evaluate import EvalConfig, EvalError, evaluate
+    from trainer.evaluate import EvalConfig, EvalError, evaluate_all
     from trainer.loop import atomic_write
 
     root = Path(repo)
@@ -252,15 +297,19 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, 
     reports = []
     for name in names:
         try:
-            report = evaluate(root, name, config=config, log=lambda msg: click.echo(f"  {msg}", err=True))
+            found = evaluate_all(root, name, config=config, log=lambda msg: click.echo(f"  {msg}", err=True))
         except EvalError as e:
             raise UserError(str(e)) from None
-        reports.append(report)
-        click.echo(f"{report.model} v{report.version} ({report.family}, {report.dataset}, {report.seconds} s)")
-        for metric in report.metrics:
-            click.echo(f"  {metric.line()}")
-        for key, value in report.details.items():
-            click.echo(f"  {key}: {value}")
+        for report in found:
+            reports.append(report)
+            sampling = report.details.get("sampling")
+            at = f", {sampling['sampler']} {sampling['steps']} steps" if sampling else ""
+            click.echo(f"{report.model} v{report.version} ({report.family}, {report.dataset}{at}, "
+                       f"{report.seconds} s)")
+            for metric in report.metrics:
+                click.echo(f"  {metric.line()}")
+            for key, value in report.details.items():
+                click.echo(f"  {key}: {value}")
     if json_path:
         text = json.dumps([r.as_dict() for r in reports], indent=2) + "\n"
         atomic_write(Path(json_path), lambda f: f.write(text.encode()))
@@ -275,6 +324,7 @@ def _sweep(root, names: list[str], config, sweep_steps: str, json_path: str | No
     import json
     from pathlib import Path
 
+    from serve.manifest import scan_repository
     from trainer.evaluate import EvalError, evaluate
     from trainer.loop import atomic_write
 
@@ -284,7 +334,11 @@ def _sweep(root, names: list[str], config, sweep_steps: str, json_path: str | No
         raise UserError(f"--sweep {sweep_steps}: expected step counts separated by commas, e.g. 5,10,20,50") from None
     path = Path(json_path) if json_path else None
     rows = json.loads(path.read_text()) if path and path.is_file() else []
+    students = {e.name for e in scan_repository(root) if e.healthy and e.manifest.student}
     for name in names:
+        if name in students:  # it samples only as trained: `gen eval` without --sweep scores each of its counts
+            click.echo(f"{name}: a distilled student, skipped by --sweep (plain `gen eval {name}` scores it)", err=True)
+            continue
         for sampler in SAMPLER_NAMES:
             for steps in counts:
                 key = dict(model=name, sampler=sampler, steps=steps, n=config.n, seed=config.seed)
@@ -526,7 +580,7 @@ def generate_cmd(server, model, version, timeout, output, n, seed, labels, guida
         click.echo("", err=True)
     save_grid(result.pixels, output)
     click.echo(f"wrote {output}: {len(result.pixels)} images from {result.model} v{result.version}, "
-               f"{sampler or DEFAULT_SAMPLER} {total} steps, seed {result.seed}")
+               f"{sampler or 'the default sampler'}, {total} steps, seed {result.seed}")
 
 
 @cli.command("encode")

@@ -16,7 +16,7 @@ needs no new graph and no re-export.
     noise [B, C, H, W]
 outputs: state_out (state with these rows' new state), x [B, C, H, W] (their new sample), x0 [B, C, H, W].
 Guidance is one doubled batch: rows with their label, then the same rows with the null class K,
-out = uncond + w (cond - uncond).
+out = uncond + w (cond - uncond); a distilled student's denoiser takes w as an input instead (one row per image).
 
 `admit`: state, slots [B], values [B, S, C, H, W] -> state_out (new rows written into their slots).
 """
@@ -40,7 +40,7 @@ def _opset(model: onnx.ModelProto) -> int:
 
 def iteration_model(denoiser: onnx.ModelProto, image_shape: tuple[int, int, int], state_size: int,
                     num_classes: int) -> onnx.ModelProto:
-    """The iteration graph around a copy of `denoiser` (inputs x_t, t [, label]; output `output`)."""
+    """The iteration graph around a copy of `denoiser` (inputs x_t, t [, label [, guidance]]; output `output`)."""
     C, H, W = image_shape
     S, D = state_size, C * H * W
     model = onnx.ModelProto()
@@ -50,6 +50,9 @@ def iteration_model(denoiser: onnx.ModelProto, image_shape: tuple[int, int, int]
     if not {"x_t", "t"} <= names or g.output[0].name != "output":
         raise ValueError(f"denoiser: expected inputs x_t, t [, label] and output 'output', got {sorted(names)}")
     conditional = "label" in names
+    guided_input = "guidance" in names  # a student: guidance is the denoiser's input, not a doubled batch
+    if guided_input and not conditional:
+        raise ValueError("denoiser: a guidance input needs a label input")
     if conditional != bool(num_classes):
         raise ValueError(f"denoiser: label input {'present' if conditional else 'absent'} but {num_classes} classes")
     rename = {n: DEN + n for n in (*names, "output")}
@@ -79,7 +82,10 @@ def iteration_model(denoiser: onnx.ModelProto, image_shape: tuple[int, int, int]
            _const("it/axis1", np.array([1], np.int64)),
            n("Gather", ["state", "slots"], ["it/cur"], axis=0),  # [B, S, C, H, W]
            n("Gather", ["it/cur", "it/zero"], ["it/x_t"], axis=1)]  # the sample, state 0
-    if conditional:  # one doubled batch: (rows, label) then (rows, null class K)
+    if guided_input:
+        pre += [n("Identity", ["it/x_t"], [DEN + "x_t"]), n("Identity", ["t"], [DEN + "t"]),
+                n("Identity", ["label"], [DEN + "label"]), n("Identity", ["guidance"], [DEN + "guidance"])]
+    elif conditional:  # one doubled batch: (rows, label) then (rows, null class K)
         pre += [_const("it/null", np.int64(num_classes)), n("Shape", ["label"], ["it/B"]),
                 n("Expand", ["it/null", "it/B"], ["it/nulls"]),
                 n("Concat", ["it/x_t", "it/x_t"], [DEN + "x_t"], axis=0),
@@ -89,7 +95,7 @@ def iteration_model(denoiser: onnx.ModelProto, image_shape: tuple[int, int, int]
         pre += [n("Identity", ["it/x_t"], [DEN + "x_t"]), n("Identity", ["t"], [DEN + "t"])]
 
     post = []
-    if conditional:
+    if conditional and not guided_input:
         post += [_const("it/start0", np.array([0], np.int64)), _const("it/end", np.array([INT64_MAX], np.int64)),
                  _const("it/axis0", np.array([0], np.int64)),
                  n("Slice", [DEN + "output", "it/start0", "it/B", "it/axis0"], ["it/cond"]),

@@ -68,6 +68,11 @@ class Manifest:
         return len(self.classes)
 
     @property
+    def student(self) -> dict | None:
+        """A distilled student's sampling contract (sampler, steps, default_steps, guidance); None for a teacher."""
+        return (self.diffusion or {}).get("student")
+
+    @property
     def default_guidance(self) -> float:
         """The guidance scale a Generate request without one gets: the training-time value (1 when unconditional)."""
         return float(self.raw.get("config", {}).get("guidance", 3.0)) if self.classes else 1.0
@@ -167,6 +172,14 @@ def parse_manifest(d: dict) -> Manifest:
         _get(diffusion, "schedule", str, "diffusion")
         if _get(diffusion, "timestep_spacing", str, "diffusion") != "trailing":
             raise ManifestError("diffusion.timestep_spacing: only 'trailing' is supported")
+        if "student" in diffusion:
+            student = _get(diffusion, "student", dict, "diffusion")
+            _get(student, "sampler", str, "diffusion.student")
+            steps = _get(student, "steps", list, "diffusion.student")
+            if not steps or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in steps):
+                raise ManifestError("diffusion.student.steps: expected a non-empty list of positive ints")
+            if _get(student, "default_steps", int, "diffusion.student") not in steps:
+                raise ManifestError("diffusion.student.default_steps: must be one of diffusion.student.steps")
     return Manifest(name, version, family, task, opset, graphs, image, tuple(classes), serving, provenance,
                     diffusion, d.get("parity", {}), raw=d)
 

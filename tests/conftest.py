@@ -18,6 +18,16 @@ TINY: dict[str, dict] = {
                   "family_options": {"width": 8, "channel_mult": [1, 2], "sample_steps": 2}},
 }
 FAMILIES = list(TINY)
+# a tiny student of the tiny diffusion model (exported as tiny-diffusion/1 in tiny_repo): 8 trajectories of 4 steps
+STUDENT = {"distill_from": "", "trajectories": 8, "teacher_steps": 4, "student_steps": [1, 2, 4]}
+TINY_MODELS = [f"tiny-{f}" for f in FAMILIES] + ["tiny-diffusion-student"]  # what tiny_repo holds
+
+
+def tiny_graph_count() -> int:
+    """Graphs in tiny_repo: every family's, and the student's denoiser."""
+    from serve.families import FAMILIES as SPECS
+
+    return sum(len(SPECS[f].graphs) for f in FAMILIES) + len(SPECS["diffusion"].graphs)
 
 
 def tiny_config(family: str, run_dir, **overrides):
@@ -50,4 +60,8 @@ def tiny_repo(tmp_path_factory):
     for family in FAMILIES:
         fit(tiny_config(family, base / "runs" / family, steps=2), progress=False)
         export_model(base / "runs" / family, f"tiny-{family}", repo=base / "exported")
+    # a distilled student of tiny-diffusion, so that every test over the repository's models covers one too
+    student = {**STUDENT, "distill_from": str(base / "exported" / "tiny-diffusion" / "1")}
+    fit(tiny_config("diffusion", base / "runs" / "diffusion-student", steps=2, family_options=student), progress=False)
+    export_model(base / "runs" / "diffusion-student", "tiny-diffusion-student", repo=base / "exported")
     return base

@@ -43,6 +43,10 @@ from trainer.loop import atomic_write
 CLASSIFIER_VERSION = 1  # bump when the classifier's architecture or training changes: invalidates caches
 # quality bars of class accuracy for conditional samples, per family (the project's bars for its shipped models)
 CLASS_ACCURACY_BAR = {"gan": 0.90, "diffusion": 0.95}
+FRECHET_BAR = 3.0  # diffusion: Frechet distance at most this many times the real-vs-real baseline
+# a distilled student's bars per step count: (class accuracy, Frechet / baseline); other counts are reported only
+STUDENT_BARS = {4: (0.97, 2.0), 2: (0.95, 3.0)}
+TEACHER_SAMPLING = ("ddim", 50)  # what a teacher is scored at unless told: README's quality table
 
 
 class EvalError(ValueError):
@@ -53,8 +57,8 @@ class EvalError(ValueError):
 class EvalConfig:
     n: int = 1000  # samples per generator (also capped by the held-out split's size for Frechet distance)
     seed: int = 0
-    sampler: str = "ddim"  # diffusion
-    steps: int = 50
+    sampler: str | None = None  # diffusion; None: ddim for a teacher, its own for a student
+    steps: int | None = None  # None: 50 for a teacher, its most for a student (`sampling_settings` lists all)
     guidance: float | None = None  # None: the model's own default
     request_size: int = 100  # rows per request: concurrent requests share batches as a server's would
     cache: Path | None = None  # classifier cache; None: $GEN_CACHE or ~/.cache/gen
@@ -235,6 +239,23 @@ def _map(rt_call, images: np.ndarray, size: int) -> np.ndarray:
     return quantise(asyncio.run(_chunks(one, len(images), size)))
 
 
+def sampling_settings(manifest, cfg: EvalConfig) -> list[EvalConfig]:
+    """The (sampler, steps) settings `gen eval` scores a diffusion model at: a student at each of its step counts
+    unless --steps picks one, a teacher at cfg's setting (TEACHER_SAMPLING by default)."""
+    student = manifest.student
+    if student is None:
+        return [dataclasses.replace(cfg, sampler=cfg.sampler or TEACHER_SAMPLING[0],
+                                    steps=cfg.steps or TEACHER_SAMPLING[1])]
+    if cfg.sampler not in (None, student["sampler"]):
+        raise EvalError(f"--sampler {cfg.sampler}: {manifest.name} is a distilled student that samples with "
+                        f"{student['sampler']}; leave --sampler out")
+    if cfg.steps is not None and cfg.steps not in student["steps"]:
+        raise EvalError(f"--steps {cfg.steps}: {manifest.name} samples in "
+                        f"{', '.join(map(str, student['steps']))} steps")
+    steps = [cfg.steps] if cfg.steps is not None else sorted(student["steps"])
+    return [dataclasses.replace(cfg, sampler=student["sampler"], steps=k) for k in steps]
+
+
 # --- per family ------------------------------------------------------------------------------------
 
 def evaluate(repo: str | Path, model: str, version: int | None = None, config: EvalConfig | None = None,
@@ -263,12 +284,26 @@ def evaluate(repo: str | Path, model: str, version: int | None = None, config: E
             raise EvalError(f"{m.name}: cannot load its dataset {source!r} ({e})") from None
         if len(data.test[0]) == 0:
             raise EvalError(f"{m.name}: its dataset {source!r} has no held-out split to score against")
+        if spec.task == DENOISE:
+            cfg = sampling_settings(m, cfg)[-1]
         report = Report(m.name, m.version, m.family, str(source))
         # generators are scored on samples; translators on held-out pairs (paired) or both directions (unpaired)
         scorer = _generator if spec.task in (SAMPLE, DENOISE) else {"paired": _pix2pix, "unpaired": _cyclegan}[kind]
         scorer(rt, m, data, cfg, cache, report, log)
     report.seconds = round(time.perf_counter() - t0, 1)
     return report
+
+
+def evaluate_all(repo: str | Path, model: str, config: EvalConfig | None = None, log=print) -> list[Report]:
+    """`evaluate` at every setting `sampling_settings` names (a student: each of its step counts); one report
+    for other models."""
+    from serve.manifest import scan_repository
+
+    cfg = config or EvalConfig()
+    newest = [e for e in scan_repository(Path(repo)) if e.name == model and e.healthy][-1:]
+    if newest and newest[0].manifest.student is not None:
+        return [evaluate(repo, model, config=c, log=log) for c in sampling_settings(newest[0].manifest, cfg)]
+    return [evaluate(repo, model, config=cfg, log=log)]
 
 
 def _conditional(m) -> bool:
@@ -304,7 +339,10 @@ def _generator(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -
     report.details["seconds_per_sample"] = round((time.perf_counter() - t_sample) / cfg.n, 5)
     feats, pred = net.predict(samples)
     fd = frechet_distance(feats[rng.choice(len(feats), n_fd, replace=False)], test_feats)
-    report.add("frechet distance", fd, at_most=3 * baseline if denoise else None)
+    accuracy_bar, frechet_bar = CLASS_ACCURACY_BAR.get(m.family), FRECHET_BAR if denoise else None
+    if denoise and m.student:
+        accuracy_bar, frechet_bar = STUDENT_BARS.get(cfg.steps, (None, None))
+    report.add("frechet distance", fd, at_most=frechet_bar * baseline if frechet_bar else None)
     report.add("frechet real-vs-real", baseline)
     report.add("frechet / baseline", fd / baseline if baseline > 0 else float("inf"))
     report.details["frechet_samples"] = n_fd
@@ -312,8 +350,7 @@ def _generator(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -
         report.details["sampling"] = {"sampler": cfg.sampler, "steps": cfg.steps,
                                       "guidance": m.default_guidance if cfg.guidance is None else cfg.guidance}
     if conditional:
-        bar = CLASS_ACCURACY_BAR.get(m.family)
-        report.add("class accuracy", (pred == labels).mean(), "%", at_least=bar)
+        report.add("class accuracy", (pred == labels).mean(), "%", at_least=accuracy_bar)
         report.details["class_accuracy"] = {m.classes[k]: round(float((pred[labels == k] == k).mean()), 4)
                                             for k in range(len(m.classes))}
     if spec.encoder:  # a family that encodes: reconstructions of held-out images too

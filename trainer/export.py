@@ -88,9 +88,10 @@ def parity(graph: ExportGraph, path: Path, fp16: bool = False) -> dict[str, floa
     return result
 
 
-def served_loop_parity(family: Family, version_dir: Path, manifest: dict, steps: int = 50, batch: int = 4) -> float:
-    """A 50-step DDIM run through the server's own loop (serve.diffusion over the exported denoiser, the
-    iteration graph assembled as at load time) vs trainer.models.diffusion.run_sampler: final max abs diff."""
+def served_loop_parity(family: Family, version_dir: Path, manifest: dict, batch: int = 4) -> float:
+    """A run through the server's own loop (serve.diffusion over the exported denoiser, the iteration graph
+    assembled as at load time) vs trainer.models.diffusion.run_sampler, with the family's own sampler and steps
+    (50 DDIM steps for a teacher, the student's sampler at its most steps): final max abs diff."""
     import queue
 
     from serve.diffusion import DiffusionScheduler, Done, row_rng
@@ -106,8 +107,9 @@ def served_loop_parity(family: Family, version_dir: Path, manifest: dict, steps:
     k = family.info.num_classes
     labels = np.arange(batch) % max(k, 1)
     guidance = 3.0 if k else 1.0
+    sampler, steps = family.served_sampling()
     events: queue.Queue = queue.Queue()
-    loop.submit(seed=7, labels=labels, guidance=guidance, eta=0.0, sampler=SAMPLERS["ddim"], steps=steps,
+    loop.submit(seed=7, labels=labels, guidance=guidance, eta=0.0, sampler=SAMPLERS[sampler], steps=steps,
                 deliver=events.put)
     try:
         while not isinstance(event := events.get(timeout=600), (Done, Exception)):
@@ -117,10 +119,15 @@ def served_loop_parity(family: Family, version_dir: Path, manifest: dict, steps:
     if isinstance(event, Exception):
         raise ExportError(f"the served loop failed on the exported denoiser: {event}")
     shape = (m.image["channels"], m.image["height"], m.image["width"])
-    x_T = np.stack([row_rng(7, i).standard_normal(shape, dtype=np.float32) for i in range(batch)])
+    rngs = [row_rng(7, i) for i in range(batch)]
+    x_T = np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
+    noises = None
+    if SAMPLERS[sampler].uses_noise(0.0):  # the rows' own draws, in the server's order: x_T, then one per step
+        noises = [torch.from_numpy(np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs]))
+                  for _ in range(steps)]
     with torch.no_grad():
-        expected = run_sampler(family.ema, schedule, torch.from_numpy(x_T), torch.from_numpy(labels), "ddim",
-                               steps, guidance, 0.0, None).clamp(-1, 1)
+        expected = run_sampler(family.ema, schedule, torch.from_numpy(x_T), torch.from_numpy(labels), sampler,
+                               steps, guidance, 0.0, None, noises).clamp(-1, 1)
     return float(np.abs(event.images - expected.numpy()).max())
 
 
@@ -196,11 +203,12 @@ def export_model(run_dir: str | Path, name: str, repo: str | Path = "exported", 
         if family.spec().task == DENOISE:
             draft = _manifest(family, dataset, record, name, version, opset, graphs_json, {}, max_batch_size)
             err = served_loop_parity(family, tmp, draft)
-            log(f"  50-step DDIM loop through the served loop vs PyTorch: max abs diff {err:.2e}")
+            sampler, steps = family.served_sampling()
+            log(f"  {steps}-step {sampler} loop through the served loop vs PyTorch: max abs diff {err:.2e}")
             if err > DDIM_TOLERANCE:
-                raise ExportError(f"50-step DDIM loop: the served loop differs from PyTorch by {err:.3g} "
+                raise ExportError(f"{steps}-step {sampler} loop: the served loop differs from PyTorch by {err:.3g} "
                                   f"(tolerance {DDIM_TOLERANCE}); nothing was written")
-            model_parity["ddim_50_steps"] = {"max_abs": err, "tolerance": DDIM_TOLERANCE}
+            model_parity[f"{sampler}_{steps}_steps"] = {"max_abs": err, "tolerance": DDIM_TOLERANCE}
         manifest = _manifest(family, dataset, record, name, version, opset, graphs_json, model_parity,
                              max_batch_size)
         parse_manifest(manifest)  # the server's own schema check, before anything is published

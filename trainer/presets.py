@@ -31,6 +31,11 @@ PRESETS: dict[str, dict] = {
     # 1.25 the 8,000-step model has 98.8% class accuracy and 1.6x the baseline (README, "Default models")
     "diffusion": {"family": "diffusion", "data": "mnist", "steps": 8000, "batch_size": 64, "lr": 1e-3,
                   "family_options": {"guidance": 1.25}},
+    # a few-step student of the shipped mnist-diffusion (trainer/distill.py; `gen distill` fills these in for any
+    # teacher): README, "Few-step students", has how the numbers were chosen
+    "diffusion-student": {"family": "diffusion", "data": "mnist", "steps": 4000, "batch_size": 64, "lr": 2e-4,
+                          "family_options": {"distill_from": "exported/mnist-diffusion/1", "guidance": 1.25,
+                                             "trajectories": 10000, "student_sampler": "ddim"}},
 }
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from serve.samplers.base import Pairs, Sampler
-from serve.samplers.ddim import DDIM  # noqa: F401 - the registry: one import per sampler
+from serve.samplers.consistency import Consistency  # noqa: F401 - the registry: one import per sampler
+from serve.samplers.ddim import DDIM  # noqa: F401
 from serve.samplers.ddpm import DDPM  # noqa: F401
 from serve.samplers.dpm_solver import DPMSolver  # noqa: F401
 from serve.samplers.euler_a import EulerAncestral  # noqa: F401

@@ -21,6 +21,7 @@ from serve.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, 
 from serve.manifest import file_sha256
 from serve.runtime import EncodeResult, GraphRunner, Runtime, SampleResult
 from serve.samplers import SAMPLERS
+from tests.conftest import TINY_MODELS
 
 ROOT = Path(__file__).resolve().parents[2]
 RNG = np.random.default_rng(0)
@@ -285,7 +286,7 @@ def test_unconditional_models_take_no_labels(tiny_repo, tmp_path):
 
 def test_models_index_and_statistics(rt):
     models = {m["name"]: m for m in rt.models()}
-    assert set(models) == {f"tiny-{f}" for f in ("vae", "gan", "pix2pix", "cyclegan", "diffusion")}
+    assert set(models) == set(TINY_MODELS)
     gan = models["tiny-gan"]
     assert (gan["family"], gan["task"], gan["state"], gan["latent_size"], gan["versions"]) == \
         ("gan", "sample", "READY", 8, [1])

@@ -17,6 +17,7 @@ from PIL import Image
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 from serve.client import GenClient, Images, ProgressEvent
+from tests.conftest import TINY_MODELS
 from tests.serve.conftest import ROOT
 
 
@@ -41,7 +42,7 @@ def _png(pixels: np.ndarray) -> bytes:
 
 def test_list_models(client):
     models = {m.name: m for m in client.list_models()}
-    assert set(models) == {f"tiny-{f}" for f in ("vae", "gan", "pix2pix", "cyclegan", "diffusion")}
+    assert set(models) == set(TINY_MODELS)
     gan = models["tiny-gan"]
     assert gan.family == "gan" and gan.task == "sample" and gan.state == "READY" and len(gan.classes) == 10
     assert models["tiny-diffusion"].task == "denoise" and models["tiny-pix2pix"].channels == 3

@@ -8,11 +8,16 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from tests.conftest import tiny_config
+from tests.conftest import STUDENT, tiny_config
 from trainer.loop import fit
 
 family, run_dir = sys.argv[1], Path(sys.argv[2])
-result = fit(tiny_config(family, run_dir, steps=3, device="cpu"), progress=False)
+if family == "diffusion-student":  # argv[3]: the teacher; each rank solves its own share of the trajectories
+    config = tiny_config("diffusion", run_dir, steps=3, device="cpu",
+                         family_options={**STUDENT, "distill_from": sys.argv[3]})
+else:
+    config = tiny_config(family, run_dir, steps=3, device="cpu")
+result = fit(config, progress=False)
 digest = hashlib.sha256()
 for _, net in sorted(result.family.nets.items()):
     for key, value in sorted(net.named_parameters()):  # buffers (BN stats) are rank-local by design

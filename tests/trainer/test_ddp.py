@@ -13,12 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("family", ["gan", "pix2pix"])
-def test_two_process_gloo_run_keeps_replicas_identical(family, tmp_path):
+@pytest.mark.parametrize("family", ["gan", "pix2pix", "diffusion-student"])
+def test_two_process_gloo_run_keeps_replicas_identical(family, tmp_path, tiny_repo):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    teacher = [str(tiny_repo / "exported" / "tiny-diffusion" / "1")] if family == "diffusion-student" else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "tests" / "trainer" / "ddp_worker.py"), family, str(run)]
+           str(ROOT / "tests" / "trainer" / "ddp_worker.py"), family, str(run), *teacher]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -26,7 +26,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -35,6 +37,7 @@ from serve.samplers import SAMPLERS, NoiseSchedule
 from serve.samplers.schedule import SCHEDULES, alpha_bar
 from trainer.models.base import ConfigError, DataInfo, ExportGraph, Family, FamilyConfig, TensorSpec
 
+GUIDANCE_SCALE = 100.0  # guidance scales 1..3 become embedding positions 100..300 (timesteps span 0..999)
 NORM_GROUPS = 8  # GroupNorm groups: width 32 gives 4 channels per group, DDPM's ratio (128 ch / 32 groups)
 PREDICTIONS = ("eps", "v")
 
@@ -57,7 +60,16 @@ class DiffusionConfig(FamilyConfig):
     p_uncond: float = 0.1  # label dropout for classifier-free guidance
     conditional: bool | None = None  # None: conditional exactly when the data has classes
     sample_steps: int = 50  # DDIM steps for the progress grid
-    guidance: float = 3.0  # CFG scale for the progress grid (conditional models)
+    guidance: float = 3.0  # CFG scale for the progress grid (conditional models); a request's default when served
+    # --- distillation (trainer/distill.py): set distill_from to train a few-step student of an exported model
+    distill_from: str = ""  # the teacher's version folder, e.g. exported/mnist-diffusion/1; "" trains a teacher
+    student_steps: tuple[int, ...] = (1, 2, 4)  # the step counts the student serves; each divides the largest
+    student_sampler: str = "ddim"  # how the student samples when served (any registered sampler)
+    teacher_steps: int = 8  # steps of the teacher's trajectories; a multiple of the largest student count
+    teacher_sampler: str = "dpm++"  # the (deterministic) serving sampler that solves the teacher's trajectories
+    trajectories: int = 10000  # teacher trajectories, made once at the first step (a pure function of the seed)
+    guidance_range: tuple[float, float] = (1.0, 3.0)  # each trajectory's guidance scale is drawn from here
+    huber_c: float = 0.0  # Pseudo-Huber constant; 0: 0.00054 sqrt(pixels) (Song & Dhariwal 2023)
 
 
 # --- schedule ------------------------------------------------------------------------------------
@@ -134,12 +146,19 @@ class UNet(nn.Module):
     """
 
     def __init__(self, channels: int, image_size: int, width: int = 32, channel_mult: Sequence[int] = (1, 2, 2),
-                 num_res_blocks: int = 1, attn_resolution: int = 8, dropout: float = 0.0, num_classes: int = 0):
+                 num_res_blocks: int = 1, attn_resolution: int = 8, dropout: float = 0.0, num_classes: int = 0,
+                 guidance_input: bool = False):
         super().__init__()
         emb_dim = 4 * width
         self.num_classes = num_classes
         self.time_emb = TimeEmbedding(width, emb_dim)
         self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        # a distilled student takes the guidance scale as an input (Meng et al. 2023), embedded like t; the last
+        # layer starts at zero, so a student starts as its teacher's conditional model
+        self.guidance_emb = TimeEmbedding(width, emb_dim) if guidance_input else None
+        if self.guidance_emb is not None:
+            nn.init.zeros_(self.guidance_emb.mlp[-1].weight)
+            nn.init.zeros_(self.guidance_emb.mlp[-1].bias)
         self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
 
         def block(cin: int, cout: int, res: int) -> nn.ModuleList:
@@ -175,10 +194,13 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_emb(t)
         if self.class_emb is not None:
             emb = emb + self.class_emb(label)
+        if self.guidance_emb is not None:
+            emb = emb + self.guidance_emb(GUIDANCE_SCALE * guidance)
         h = self.conv_in(x)
         hs = [h]
         for layers in self.down:
@@ -202,9 +224,12 @@ class UNet(nn.Module):
 
 def guided_output(unet: UNet, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor,
                   guidance: float) -> torch.Tensor:
-    """The U-Net output with classifier-free guidance: one doubled batch (label, then the null class K)."""
+    """The U-Net output with classifier-free guidance: one doubled batch (label, then the null class K); a
+    student takes the scale as an input instead."""
     if not unet.num_classes:
         return unet(x, t)
+    if unet.guidance_emb is not None:
+        return unet(x, t, label, torch.full((x.shape[0],), guidance, dtype=torch.float32, device=x.device))
     null = torch.full_like(label, unet.num_classes)
     out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null]))
     cond, uncond = out[: x.shape[0]], out[x.shape[0]:]
@@ -212,11 +237,13 @@ def guided_output(unet: UNet, x: torch.Tensor, t: torch.Tensor, label: torch.Ten
 
 
 def run_sampler(unet: UNet, schedule: NoiseSchedule, x_T: torch.Tensor, labels: torch.Tensor, sampler: str,
-                steps: int, guidance: float, eta: float, generator: torch.Generator | None) -> torch.Tensor:
+                steps: int, guidance: float, eta: float, generator: torch.Generator | None,
+                noises: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """`sampler` (a serve.samplers name) from x_T over `timestep_pairs(steps, T)`; returns the final sample.
 
     The same plan the server runs: x0 from the model output (clipped where the sampler says), then the plan's
-    linear update of the sampler state. Samplers that use noise draw one tensor of x_T's shape per step.
+    linear update of the sampler state. Samplers that use noise draw one tensor of x_T's shape per step from
+    `generator`, or take step i's from `noises[i]`.
     """
     s = SAMPLERS[sampler]
     pairs = timestep_pairs(steps, schedule.T)
@@ -229,8 +256,12 @@ def run_sampler(unet: UNet, schedule: NoiseSchedule, x_T: torch.Tensor, labels: 
         x0 = cx * state[0] + co * out
         if s.clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
-        noise = torch.randn(x_T.shape, generator=generator, device=x_T.device, dtype=x_T.dtype) \
-            if s.uses_noise(eta) else torch.zeros_like(x_T)
+        if not s.uses_noise(eta):
+            noise = torch.zeros_like(x_T)
+        elif noises is not None:
+            noise = noises[i]
+        else:
+            noise = torch.randn(x_T.shape, generator=generator, device=x_T.device, dtype=x_T.dtype)
         terms = [*state, x0, noise]
         state = [sum(plan[i, j, k] * terms[k] for k in range(len(terms))) for j in range(len(s.state))]
     return state[0]
@@ -243,8 +274,9 @@ class _Denoiser(nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        return self.unet(x_t, t, label)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x_t, t, label, guidance)
 
 
 # --- the family ----------------------------------------------------------------------------------
@@ -283,14 +315,61 @@ class Diffusion(Family):
             raise ConfigError(f"--set ema_decay={config.ema_decay}: use a value in [0, 1)")
         if config.conditional and not info.class_names:
             raise ConfigError("--set conditional=true needs labelled data: these images have no classes")
+        if config.distill_from:
+            cls._check_student(config, info)
+
+    # architecture and schedule: a student keeps its teacher's, since it starts from the teacher's weights
+    TEACHER_FIELDS = ("width", "channel_mult", "num_res_blocks", "attn_resolution", "prediction", "schedule",
+                      "num_train_timesteps")
+
+    @classmethod
+    def _check_student(cls, config: DiffusionConfig, info: DataInfo) -> None:
+        from trainer.distill import TeacherError, load_teacher
+
+        try:
+            teacher = load_teacher(config.distill_from)
+        except TeacherError as e:
+            raise ConfigError(str(e)) from None
+        for name in cls.TEACHER_FIELDS:
+            mine, theirs = getattr(config, name), teacher.config.get(name)
+            if (list(mine) if isinstance(mine, tuple) else mine) != theirs:
+                raise ConfigError(f"--set {name}={mine}: the teacher {teacher.path} has {theirs}; a student keeps "
+                                  "its teacher's architecture and schedule")
+        image = teacher.manifest["image"]
+        if (image["channels"], image["height"]) != (info.channels, info.size) or \
+                len(teacher.manifest.get("classes", [])) != info.num_classes:
+            raise ConfigError(f"--data: the teacher {teacher.path} was trained on {image['channels']}x{image['height']}"
+                              f"x{image['width']} images with {len(teacher.manifest.get('classes', []))} classes; "
+                              "train the student on the teacher's data")
+        steps = tuple(config.student_steps)
+        if not steps or min(steps) < 1 or any(max(steps) % k for k in steps) or max(steps) > config.num_train_timesteps:
+            raise ConfigError(f"--set student_steps={','.join(map(str, steps))}: use step counts that divide the "
+                              "largest, e.g. 1,2,4")
+        if config.teacher_steps < 1 or config.teacher_steps % max(steps):
+            raise ConfigError(f"--set teacher_steps={config.teacher_steps}: use a multiple of {max(steps)} "
+                              "(the student's largest step count)")
+        lo, hi = config.guidance_range
+        if not 0.0 <= lo <= hi:
+            raise ConfigError(f"--set guidance_range={lo},{hi}: use 0 <= low <= high")
+        if config.student_sampler not in SAMPLERS:
+            raise ConfigError(f"--set student_sampler={config.student_sampler}: use one of {', '.join(SAMPLERS)}")
+        if config.teacher_sampler not in SAMPLERS or SAMPLERS[config.teacher_sampler].uses_noise(0.0):
+            raise ConfigError(f"--set teacher_sampler={config.teacher_sampler}: use a deterministic sampler: "
+                              + ", ".join(k for k, v in SAMPLERS.items() if not v.uses_noise(0.0)))
+        if config.trajectories < 1:
+            raise ConfigError(f"--set trajectories={config.trajectories}: use 1 or more")
 
     def __init__(self, config: DiffusionConfig, info: DataInfo, device: torch.device):
         super().__init__(config, info, device)
         cond = bool(info.class_names) if config.conditional is None else config.conditional
         self.num_classes = info.num_classes if cond else 0  # K; the null label is K
+        self.student = bool(config.distill_from)
         unet = self.add_net("unet", UNet(info.channels, info.size, config.width, tuple(config.channel_mult),
                                          config.num_res_blocks, config.attn_resolution, config.dropout,
-                                         self.num_classes))
+                                         self.num_classes, guidance_input=self.student and self.num_classes > 0))
+        if self.student:  # the trajectories' seed comes from the run's seed; kept in the checkpoint for resume
+            self.trajectory_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            self._pairs: dict[str, torch.Tensor] | None = None
         self.ema = copy.deepcopy(unet).eval().requires_grad_(False)
         self.ema_updates = 0
         self.alpha_bar = alpha_bar_schedule(config.schedule, config.num_train_timesteps)
@@ -303,6 +382,8 @@ class Diffusion(Family):
             self.optimizers["unet"], lambda i: min(1.0, (i + 1) / warmup))
 
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        if self.student:
+            return self._distill_step(batch[0].shape[0], step)
         x, y = (v.to(self.device) for v in batch)
         B = x.shape[0]
         t = torch.randint(0, self.config.num_train_timesteps, (B,), device=self.device)
@@ -315,7 +396,9 @@ class Diffusion(Family):
             drop = torch.rand(B, device=self.device) < self.config.p_uncond
             label = torch.where(drop, torch.full_like(y, self.num_classes), y)
         loss = F.mse_loss(self.train_nets["unet"](x_t, t, label), target)
+        return self._optimise(loss)
 
+    def _optimise(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
         opt = self.optimizers["unet"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -323,6 +406,68 @@ class Diffusion(Family):
             nn.utils.clip_grad_norm_(self.nets["unet"].parameters(), self.config.grad_clip)
         opt.step()
         return {"loss": loss.detach()}
+
+    # --- distillation (trainer/distill.py has the method) ----------------------------------------
+
+    def student_grid(self) -> list[int]:
+        from trainer.distill import student_grid
+
+        return student_grid(max(self.config.student_steps), self.config.num_train_timesteps)
+
+    def _start_student(self) -> None:
+        """The teacher's weights into the student (a fresh run's first step): read from its ONNX file, checked."""
+        from trainer.distill import TeacherError, check_same_outputs, load_teacher, unet_from_onnx
+
+        teacher = load_teacher(self.config.distill_from)
+        unet = self.nets["unet"]
+        missing = unet_from_onnx(teacher.onnx_path, unet)
+        unknown = [k for k in missing if not k.startswith("guidance_emb.")]
+        if unknown:
+            raise TeacherError(f"{teacher.onnx_path}: has no weights for {unknown[:3]}: not this architecture")
+        was = unet.training
+        unet.eval()
+        check_same_outputs(teacher, unet, self.num_classes)
+        unet.train(was)
+        self.ema.load_state_dict(unet.state_dict())
+
+    def _trajectory_pairs(self) -> dict[str, torch.Tensor]:
+        """This process's share of the teacher's trajectories (made once; a pure function of the seed)."""
+        from trainer.distill import load_teacher, log_stderr, trajectories
+
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        cfg = self.config
+        n = -(-cfg.trajectories // world)
+        seed = int(np.random.SeedSequence([self.trajectory_seed, rank]).generate_state(1)[0])
+        data = trajectories(load_teacher(cfg.distill_from), n, self.student_grid(), cfg.teacher_steps,
+                            tuple(cfg.guidance_range), cfg.p_uncond, seed, sampler=cfg.teacher_sampler,
+                            log=log_stderr if rank == 0 else None)
+        return {k: torch.from_numpy(v) for k, v in data.items()}
+
+    def _distill_step(self, B: int, step: int) -> dict[str, torch.Tensor]:
+        """Regress the student's x0 at a trajectory point on the trajectory's end (Pseudo-Huber)."""
+        from trainer.distill import default_huber_c
+
+        if step == 0:
+            self._start_student()
+        if self._pairs is None:
+            self._pairs = self._trajectory_pairs()
+        P, grid = self._pairs, torch.tensor(self.student_grid())
+        idx = torch.randint(0, len(P["x0"]), (B,))
+        g = torch.randint(0, len(grid), (B,))
+        x_t, target = P["x"][idx, g].to(self.device), P["x0"][idx].to(self.device)
+        t = grid[g].to(self.device)
+        label = P["label"][idx].to(self.device) if self.num_classes else None
+        w = P["guidance"][idx].to(self.device) if self.num_classes else None
+        out = self.train_nets["unet"](x_t, t, label, w)
+        a, s = self._sqrt_ab[t][:, None, None, None], self._sqrt_1m_ab[t][:, None, None, None]
+        x0 = (x_t - s * out) / a if self.config.prediction == "eps" else a * x_t - s * out
+        c = self.config.huber_c or default_huber_c(x0[0].numel())
+        distance = torch.sqrt(((x0 - target) ** 2).flatten(1).sum(1) + c * c) - c
+        # error in x0 at high noise is the output's error times sigma / alpha (156 at t = 999 here): weighting by
+        # alpha / sigma (at most 1) keeps the noisiest steps from drowning the others' gradients (unweighted, every
+        # step count scored worse in a 400-step pilot; README, "Few-step students")
+        weight = (a / s).flatten().clamp(max=1.0)
+        return self._optimise((weight * distance).mean())
 
     def on_step_end(self, step: int) -> None:
         super().on_step_end(step)
@@ -350,7 +495,8 @@ class Diffusion(Family):
                                                                                device=self.device)
         x_T = torch.randn((n, self.info.channels, self.info.size, self.info.size), generator=gen,
                           device=self.device)
-        images = run_sampler(self.ema, self.noise_schedule(), x_T, labels, "ddim", self.config.sample_steps,
+        sampler, steps = self.served_sampling()
+        images = run_sampler(self.ema, self.noise_schedule(), x_T, labels, sampler, steps,
                              self.config.guidance if K else 1.0, 0.0, gen)
         for k, net in self.nets.items():
             net.train(modes[k])
@@ -363,19 +509,46 @@ class Diffusion(Family):
         inputs = {"x_t": TensorSpec("float32", image, -3.0, 3.0), "t": TensorSpec("int64", (-1,), 0, T)}
         if K:
             inputs["label"] = TensorSpec("int64", (-1,), 0, K + 1)
+        if self.ema.guidance_emb is not None:
+            inputs["guidance"] = TensorSpec("float32", (-1,), *self.config.guidance_range)
         return {"denoiser": ExportGraph(_Denoiser(self.ema).eval(), inputs, {"output": TensorSpec("float32", image)})}
+
+    def served_sampling(self) -> tuple[str, int]:
+        """(sampler, steps) of the progress grid and of export's served-loop check."""
+        if self.student:
+            return self.config.student_sampler, max(self.config.student_steps)
+        return "ddim", self.config.sample_steps
 
     def manifest_sections(self) -> dict:
         """What serving needs beyond the graphs: the schedule, the prediction type, the null class."""
         cfg = self.config
-        return {"diffusion": {"num_train_timesteps": cfg.num_train_timesteps, "schedule": cfg.schedule,
-                              "prediction": cfg.prediction, "timestep_spacing": "trailing",
-                              "null_label": self.num_classes}}
+        section = {"num_train_timesteps": cfg.num_train_timesteps, "schedule": cfg.schedule,
+                   "prediction": cfg.prediction, "timestep_spacing": "trailing", "null_label": self.num_classes}
+        if self.student:  # how it samples: serving takes its defaults from here and refuses other step counts
+            from trainer.distill import load_teacher
+
+            teacher = {"path": cfg.distill_from}
+            try:
+                t = load_teacher(cfg.distill_from)
+                teacher.update(name=t.manifest["name"], version=t.manifest["version"],
+                               sha256=t.manifest["graphs"]["denoiser"]["sha256"])
+            except Exception:  # noqa: BLE001 - exported where the teacher is not: the path is what is known
+                pass
+            section["student"] = {"sampler": cfg.student_sampler, "steps": sorted(cfg.student_steps),
+                                  "default_steps": max(cfg.student_steps),
+                                  "guidance": "input" if self.num_classes else "none",
+                                  "guidance_range": list(cfg.guidance_range), "teacher": teacher}
+        return {"diffusion": section}
 
     def extra_state(self) -> dict:
-        return {"ema": self.ema.state_dict(), "ema_updates": self.ema_updates}
+        state = {"ema": self.ema.state_dict(), "ema_updates": self.ema_updates}
+        if self.student:
+            state["trajectory_seed"] = self.trajectory_seed
+        return state
 
     def load_extra_state(self, state: dict) -> None:
         if "ema" in state:
             self.ema.load_state_dict(state["ema"])
             self.ema_updates = state["ema_updates"]
+        if self.student and "trajectory_seed" in state:
+            self.trajectory_seed = state["trajectory_seed"]

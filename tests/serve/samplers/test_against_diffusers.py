@@ -1,6 +1,8 @@
 """Every registered sampler against the diffusers scheduler of the same name, configured to match, driving the
 shipped mnist-diffusion denoiser: the served images equal diffusers' loop within 1e-4 at 10 and 50 steps.
 
+The consistency sampler is LCMScheduler's multistep loop (tests/serve/samplers/test_consistency.py has the paper's).
+
 Where this project's choice is a diffusers option, the option is set (x0 clipped to [-1, 1]: clip_sample for
 DDPM/DDIM, thresholding with sample_max_value=1 for DPM-Solver++ and UniPC, which is the same clip; trailing
 timesteps; a final step to sigma 0). Euler ancestral has no clipping in diffusers and none here; diffusers runs it
@@ -47,6 +49,8 @@ def make_scheduler(name: str):
                                          sample_max_value=1.0, disable_corrector=[])
     if name == "euler_a":
         return s.EulerAncestralDiscreteScheduler(**COMMON)
+    if name == "consistency":  # LCM's multistep sampling; a huge timestep_scaling makes its boundary terms vanish
+        return s.LCMScheduler(**COMMON, clip_sample=True, clip_sample_range=1.0, timestep_scaling=1e6)
     raise AssertionError(f"no diffusers counterpart configured for {name!r}: add one here")
 
 
@@ -64,7 +68,10 @@ def runtime():
 def diffusers_loop(session, name: str, steps: int, seed: int, eta: float, monkeypatch) -> np.ndarray:
     """diffusers' scheduler loop over the same denoiser, with our documented draws as its noise."""
     sched = make_scheduler(name)
-    sched.set_timesteps(steps)
+    if name == "consistency":  # LCM picks its own timesteps unless given: ours, trailing
+        sched.set_timesteps(timesteps=[round(1000 * (steps - i) / steps) - 1 for i in range(steps)])
+    else:
+        sched.set_timesteps(steps)
     rngs = [np.random.default_rng(np.random.SeedSequence([seed, i])) for i in range(len(LABELS))]
     x_T = np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs])
     stochastic = SAMPLERS[name].uses_noise(eta)

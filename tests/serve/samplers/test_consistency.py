@@ -1,0 +1,66 @@
+"""The consistency sampler against Algorithm 1 of Song et al. (2023), "Consistency Models", written out in float64
+for a variance-preserving schedule, on a distilled student (guidance as its input) and on an ordinary model.
+
+    x = f(x_T, T);  for each later timestep t_n:  x_{t_n} = alpha_{t_n} x + sigma_{t_n} z;  x = f(x_{t_n}, t_n)
+
+where f is the model's clipped x0 prediction. Noise: the row's documented draws, x_T first, then one per step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from serve.runtime import Runtime
+
+SHAPE = (1, 32, 32)
+LABELS = [3, 7, 0]
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_repo):
+    return tiny_repo / "exported"
+
+
+@pytest.fixture(scope="module")
+def runtime(repo):
+    with Runtime(repo, device="cpu") as rt:
+        yield rt
+
+
+def paper_loop(onnx_path, steps: int, seed: int, guidance: float, student: bool) -> np.ndarray:
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    ts = [round(1000 * (steps - i) / steps) - 1 for i in range(steps)]  # trailing timesteps
+    rngs = [np.random.default_rng(np.random.SeedSequence([seed, i])) for i in range(len(LABELS))]
+    labels = np.array(LABELS, np.int64)
+
+    def f(x: np.ndarray, t: int) -> np.ndarray:
+        xt, tt = x.astype(np.float32), np.full(len(x), t, np.int64)
+        if student:
+            eps = session.run(None, {"x_t": xt, "t": tt, "label": labels,
+                                     "guidance": np.full(len(x), guidance, np.float32)})[0].astype(np.float64)
+        else:
+            out = session.run(None, {"x_t": np.concatenate([xt, xt]), "t": np.concatenate([tt, tt]),
+                                     "label": np.concatenate([labels, np.full_like(labels, 10)])})[0]
+            cond, uncond = out[:len(x)].astype(np.float64), out[len(x):].astype(np.float64)
+            eps = uncond + guidance * (cond - uncond)
+        return np.clip((x - np.sqrt(1 - abar[t]) * eps) / np.sqrt(abar[t]), -1, 1)
+
+    x = f(np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs]).astype(np.float64), ts[0])
+    for t in ts[1:]:
+        z = np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs])
+        x = f(np.sqrt(abar[t]) * x + np.sqrt(1 - abar[t]) * z, t)
+    return x
+
+
+@pytest.mark.parametrize("model,steps", [("tiny-diffusion-student", 1), ("tiny-diffusion-student", 2),
+                                         ("tiny-diffusion-student", 4), ("tiny-diffusion", 4)])
+def test_served_consistency_sampling_follows_the_paper(model, steps, repo, runtime):
+    seed, guidance = 5, 1.75
+    events = list(runtime.sync.generate(model, len(LABELS), seed=seed, labels=LABELS, guidance=guidance,
+                                        sampler="consistency", steps=steps))
+    got = events[-1].result.images
+    expected = paper_loop(repo / model / "1" / "denoiser.onnx", steps, seed, guidance, "student" in model)
+    assert np.abs(got - expected).max() <= 1e-4
+    assert [e.step for e in events[:-1]] == list(range(1, steps + 1))
