@@ -502,7 +502,8 @@ class Runtime:
             raise InvalidArgument(f"steps: must be between 1 and {min(self.max_steps, T)}, got {steps!r}")
         if guidance is None:
             guidance = m.default_guidance
-        guidance = check_float("guidance", guidance, 0.0, MAX_GUIDANCE)
+        low, high = student.get("guidance_range", (0.0, MAX_GUIDANCE)) if student else (0.0, MAX_GUIDANCE)
+        guidance = check_float("guidance", guidance, low, high)  # a student knows only the scales it was taught
         eta = check_float("eta", 0.0 if eta is None else eta, 0.0, 1.0)
         if not is_int(preview_every) or preview_every < 0:
             raise InvalidArgument(f"preview_every: must be an integer >= 0 (0 = no previews), got "

@@ -102,12 +102,9 @@ class GraphRunner:
 
     def __init__(self, version_dir: Path, graph: GraphInfo, device: str = "auto", threads: int | None = None,
                  fp16: bool | None = None, spin: bool = True):
-        kind, _ = parse_device(device)
-        maybe_cuda = kind == "cuda" or (kind == "auto" and CUDA in ort.get_available_providers())
-        use_fp16 = maybe_cuda and graph.fp16_file is not None and fp16 is not False
-        path = Path(version_dir) / (graph.fp16_file if use_fp16 else graph.file)
+        path = graph_path(version_dir, graph, device, fp16)
         self.session, self.device, self.device_id = open_session(str(path), device, threads, spin, name=path.name)
-        if self.device == "cpu" and use_fp16:  # auto fell back to the CPU: the fp32 file there
+        if self.device == "cpu" and path.name != graph.file:  # auto fell back to the CPU: the fp32 file there
             path = Path(version_dir) / graph.file
             self.session = ort.InferenceSession(str(path), session_options(threads, spin), providers=[CPU])
         self.file = path.name
@@ -167,6 +164,15 @@ class IterationOutput:
         return self._owner._download(self._x0, self._rows)
 
 
+def graph_path(version_dir: Path, graph: GraphInfo, device: str, fp16: bool | None) -> Path:
+    """The file a session on `device` opens: the fp16 variant where CUDA may run it (unless fp16 is False), else
+    the fp32 file. A session that lands on the CPU anyway reopens the fp32 file."""
+    kind, _ = parse_device(device)
+    maybe_cuda = kind == "cuda" or (kind == "auto" and CUDA in ort.get_available_providers())
+    use_fp16 = maybe_cuda and graph.fp16_file is not None and fp16 is not False
+    return Path(version_dir) / (graph.fp16_file if use_fp16 else graph.file)
+
+
 class DenoisingSession:
     """A diffusion model's denoising iteration with its rows' state resident on the device; see the module doc.
 
@@ -178,16 +184,20 @@ class DenoisingSession:
                  device: str = "auto", threads: int | None = None, spin: bool = True, fp16: bool | None = None,
                  cuda_graphs: bool = False):
         info = manifest.graphs["denoiser"]
-        kind, _ = parse_device(device)
-        maybe_cuda = kind == "cuda" or (kind == "auto" and CUDA in ort.get_available_providers())
-        use_fp16 = maybe_cuda and info.fp16_file is not None and fp16 is not False
-        path = Path(version_dir) / (info.fp16_file if use_fp16 else info.file)
         shape = (manifest.image["channels"], manifest.image["height"], manifest.image["width"])
-        iteration = iteration_model(onnx.load(str(path)), shape, state_size, manifest.num_classes)
+
+        def iteration_on(path: Path, device: str):
+            iteration = iteration_model(onnx.load(str(path)), shape, state_size, manifest.num_classes)
+            opened = open_session(iteration.SerializeToString(), device, threads, spin,
+                                  cuda_options={"enable_cuda_graph": "1"} if cuda_graphs else None,
+                                  name=f"{path.name} (iteration)")
+            return iteration, opened
+
+        path = graph_path(version_dir, info, device, fp16)
+        iteration, (self.session, self.device, self.device_id) = iteration_on(path, device)
+        if self.device == "cpu" and path.name != info.file:  # auto fell back to the CPU: the fp32 file there
+            iteration, (self.session, self.device, self.device_id) = iteration_on(Path(version_dir) / info.file, "cpu")
         opset = next(o.version for o in iteration.opset_import if o.domain in ("", "ai.onnx"))
-        self.session, self.device, self.device_id = open_session(
-            iteration.SerializeToString(), device, threads, spin,
-            cuda_options={"enable_cuda_graph": "1"} if cuda_graphs else None, name=f"{path.name} (iteration)")
         self.cuda_graphs = cuda_graphs and self.device == "cuda"
         admit_session, _, _ = open_session(admit_model(shape, state_size, opset).SerializeToString(),
                                            self.device if self.device == "cpu" else f"cuda:{self.device_id}",

@@ -19,7 +19,8 @@ TINY: dict[str, dict] = {
 }
 FAMILIES = list(TINY)
 # a tiny student of the tiny diffusion model (exported as tiny-diffusion/1 in tiny_repo): 8 trajectories of 4 steps
-STUDENT = {"distill_from": "", "trajectories": 8, "teacher_steps": 4, "student_steps": [1, 2, 4]}
+STUDENT = {"distill_from": "", "trajectories": 8, "teacher_steps": 4, "student_steps": [1, 2, 4],
+           "student_sampler": "consistency"}
 TINY_MODELS = [f"tiny-{f}" for f in FAMILIES] + ["tiny-diffusion-student"]  # what tiny_repo holds
 
 

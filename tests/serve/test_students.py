@@ -64,7 +64,7 @@ def test_student_and_teacher_requests_served_together_equal_their_solo_results(r
 
 
 @pytest.mark.parametrize("kw,field", [(dict(steps=3), "steps"), (dict(sampler="ddim"), "sampler"),
-                                      (dict(guidance=-1.0), "guidance")])
+                                      (dict(guidance=-1.0), "guidance"), (dict(guidance=3.5), "guidance")])
 def test_what_a_student_was_not_trained_for_is_refused(runtime, kw, field):
     with pytest.raises(InvalidArgument, match=field):
         list(runtime.sync.generate(STUDENT, 1, seed=0, **kw))

@@ -4,6 +4,7 @@ for a variance-preserving schedule, on a distilled student (guidance as its inpu
     x = f(x_T, T);  for each later timestep t_n:  x_{t_n} = alpha_{t_n} x + sigma_{t_n} z;  x = f(x_{t_n}, t_n)
 
 where f is the model's clipped x0 prediction. Noise: the row's documented draws, x_T first, then one per step.
+A student may also be served with DDIM's deterministic steps (the shipped one is): that too against its paper.
 """
 from __future__ import annotations
 
@@ -64,3 +65,36 @@ def test_served_consistency_sampling_follows_the_paper(model, steps, repo, runti
     expected = paper_loop(repo / model / "1" / "denoiser.onnx", steps, seed, guidance, "student" in model)
     assert np.abs(got - expected).max() <= 1e-4
     assert [e.step for e in events[:-1]] == list(range(1, steps + 1))
+
+
+def test_a_student_declared_to_use_ddim_follows_ddims_paper(tiny_repo, tmp_path):
+    """The same student, its manifest naming DDIM (the shipped student's sampler): eq. 12 of Song et al. (2021)
+    at eta 0, x_{t'} = alpha_{t'} x0 + sigma_{t'} eps, eps from the clipped x0, in float64."""
+    import json
+    import shutil
+
+    repo = tmp_path / "exported"
+    shutil.copytree(tiny_repo / "exported" / "tiny-diffusion-student", repo / "tiny-diffusion-student")
+    path = repo / "tiny-diffusion-student" / "1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["diffusion"]["student"]["sampler"] = "ddim"  # only the graphs are hashed
+    path.write_text(json.dumps(manifest))
+    session = ort.InferenceSession(str(repo / "tiny-diffusion-student" / "1" / "denoiser.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    labels, seed, guidance = np.array(LABELS, np.int64), 8, 2.0
+    with Runtime(repo, device="cpu") as rt:
+        for steps in (1, 2, 4):
+            ts = [round(1000 * (steps - i) / steps) - 1 for i in range(steps)] + [-1]
+            rngs = [np.random.default_rng(np.random.SeedSequence([seed, i])) for i in range(len(LABELS))]
+            x = np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs]).astype(np.float64)
+            for t, t_next in zip(ts, ts[1:]):
+                eps = session.run(None, {"x_t": x.astype(np.float32), "t": np.full(len(x), t, np.int64),
+                                         "label": labels, "guidance": np.full(len(x), guidance, np.float32)})[0]
+                x0 = np.clip((x - np.sqrt(1 - abar[t]) * eps) / np.sqrt(abar[t]), -1, 1)
+                eps = (x - np.sqrt(abar[t]) * x0) / np.sqrt(1 - abar[t])
+                a_next = 1.0 if t_next < 0 else np.sqrt(abar[t_next])
+                x = a_next * x0 + np.sqrt(1 - a_next**2) * eps
+            got = list(rt.sync.generate("tiny-diffusion-student", len(LABELS), seed=seed, labels=LABELS,
+                                        guidance=guidance, steps=steps))[-1].result.images
+            assert np.abs(got - np.clip(x, -1, 1)).max() <= 1e-4, steps
