@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+
 NO_GPU = "not measured (no GPU lent to this task)"
 
 # What the benchmarks led to in the product (serve/); kept here so every regenerated report carries it.
@@ -94,6 +96,9 @@ def write(results: dict, path: Path, plots: dict[str, str]) -> None:
         lines += _roofline(results["roofline"], results.get("profile_step", []), plots.get("roofline"))
     if "students" in results:
         lines += _students(results["students"])
+    paths = ROOT / "bench" / "paths.md"  # bench.paths' comparison of two trees: its own run, kept across bench runs
+    if paths.is_file():
+        lines += [paths.read_text().rstrip("\n"), ""]
     lines += ["## Changes made to the product", "", CHANGES, "## GPU", "",
               "| row | target | result |", "|---|---|---|",
               f"| denoising iteration, IO binding + CUDA graphs + fp16 vs PyTorch eager fp32, batch 64 | >= 3x | "

@@ -95,7 +95,8 @@ def run(repeats: int, images_per_call: int, log=print) -> dict:
     rows = []
     for label, model, sampler, steps in SETTINGS:
         if model == STUDENT:
-            sampler, steps = student_default["sampler"], steps or student_default["default_steps"]
+            steps = steps or student_default["default_steps"]
+            sampler = student_default["samplers"][str(steps)]
         else:
             sampler, steps = sampler or DEFAULT_SAMPLER, steps or DEFAULT_STEPS
         rows.append({"setting": label, "model": model, "sampler": sampler, "steps": steps,

@@ -69,8 +69,13 @@ class Manifest:
 
     @property
     def student(self) -> dict | None:
-        """A distilled student's sampling contract (sampler, steps, default_steps, guidance); None for a teacher."""
+        """A distilled student's sampling contract (samplers per step count, steps, default_steps, guidance_range);
+        None for a teacher."""
         return (self.diffusion or {}).get("student")
+
+    def student_sampler(self, steps: int) -> str | None:
+        """The sampler a student runs `steps` steps with; None for a teacher or a count it was not trained for."""
+        return (self.student or {}).get("samplers", {}).get(str(steps))
 
     @property
     def default_guidance(self) -> float:
@@ -174,10 +179,12 @@ def parse_manifest(d: dict) -> Manifest:
             raise ManifestError("diffusion.timestep_spacing: only 'trailing' is supported")
         if "student" in diffusion:
             student = _get(diffusion, "student", dict, "diffusion")
-            _get(student, "sampler", str, "diffusion.student")
             steps = _get(student, "steps", list, "diffusion.student")
             if not steps or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in steps):
                 raise ManifestError("diffusion.student.steps: expected a non-empty list of positive ints")
+            samplers = _get(student, "samplers", dict, "diffusion.student")
+            if set(samplers) != {str(k) for k in steps} or not all(isinstance(v, str) for v in samplers.values()):
+                raise ManifestError("diffusion.student.samplers: expected a sampler name for each of its steps")
             if _get(student, "default_steps", int, "diffusion.student") not in steps:
                 raise ManifestError("diffusion.student.default_steps: must be one of diffusion.student.steps")
     return Manifest(name, version, family, task, opset, graphs, image, tuple(classes), serving, provenance,

@@ -214,7 +214,8 @@ class Runtime:
                     if spec.generator:
                         row["latent_size"] = int(np.prod(_input(m.graphs[spec.generator], "z").shape[1:]))
                     if spec.task == DENOISE:
-                        row.update(samplers=[m.student["sampler"]] if m.student else list(SAMPLERS),
+                        row.update(samplers=sorted(set(m.student["samplers"].values())) if m.student
+                                   else list(SAMPLERS),
                                    num_train_timesteps=int(m.diffusion["num_train_timesteps"]))
                 rows.append(row)
         return rows
@@ -484,15 +485,16 @@ class Runtime:
         n = check_n(n, self.max_n)
         seed = check_seed(seed)
         student = m.student
-        if student:  # a distilled student samples only as it was trained: its sampler, at its step counts
-            sampler = student["sampler"] if sampler is None else sampler
+        if student:  # a distilled student samples only as it was trained: at its step counts, with their sampler
             steps = student["default_steps"] if steps is None else steps
-            if sampler != student["sampler"]:
-                raise InvalidArgument(f"sampler: {m.name} is a distilled student; it samples with "
-                                      f"{student['sampler']!r}, not {sampler!r}")
-            if steps not in student["steps"]:
+            if not is_int(steps) or steps not in student["steps"]:
                 raise InvalidArgument(f"steps: {m.name} is a distilled student trained for "
                                       f"{', '.join(map(str, student['steps']))} steps, got {steps!r}")
+            own = m.student_sampler(steps)
+            sampler = own if sampler is None else sampler
+            if sampler != own:
+                raise InvalidArgument(f"sampler: {m.name} is a distilled student; it samples {steps} steps with "
+                                      f"{own!r}, not {sampler!r}")
         sampler = DEFAULT_SAMPLER if sampler is None else sampler
         steps = DEFAULT_STEPS if steps is None else steps
         if sampler not in SAMPLERS:

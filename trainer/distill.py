@@ -213,7 +213,7 @@ def trajectories(teacher: Teacher, n: int, grid: list[int], teacher_steps: int, 
             if solver.clip_x0:
                 x0 = np.clip(x0, -1.0, 1.0)
             terms = [*state, x0]  # the noise term's coefficient is 0: deterministic
-            state = [sum(plan[i, j, k] * terms[k] for k in range(len(terms))).astype(np.float32)
+            state = [sum(plan[i, j, c] * term for c, term in enumerate(terms)).astype(np.float32)
                      for j in range(len(state))]
             x = state[0]
         out["x0"][start:start + b] = x

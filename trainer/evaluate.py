@@ -246,14 +246,15 @@ def sampling_settings(manifest, cfg: EvalConfig) -> list[EvalConfig]:
     if student is None:
         return [dataclasses.replace(cfg, sampler=cfg.sampler or TEACHER_SAMPLING[0],
                                     steps=cfg.steps or TEACHER_SAMPLING[1])]
-    if cfg.sampler not in (None, student["sampler"]):
-        raise EvalError(f"--sampler {cfg.sampler}: {manifest.name} is a distilled student that samples with "
-                        f"{student['sampler']}; leave --sampler out")
     if cfg.steps is not None and cfg.steps not in student["steps"]:
         raise EvalError(f"--steps {cfg.steps}: {manifest.name} samples in "
                         f"{', '.join(map(str, student['steps']))} steps")
     steps = [cfg.steps] if cfg.steps is not None else sorted(student["steps"])
-    return [dataclasses.replace(cfg, sampler=student["sampler"], steps=k) for k in steps]
+    if cfg.sampler is not None and any(cfg.sampler != manifest.student_sampler(k) for k in steps):
+        raise EvalError(f"--sampler {cfg.sampler}: {manifest.name} is a distilled student with its own sampler "
+                        f"per step count ({', '.join(f'{k}: {v}' for k, v in student['samplers'].items())}); "
+                        "leave --sampler out")
+    return [dataclasses.replace(cfg, sampler=manifest.student_sampler(k), steps=k) for k in steps]
 
 
 # --- per family ------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ A consistency model maps any point of a probability-flow trajectory to the traje
 
     x0 = f(x_t, t);    x_{t'} = alpha_{t'} x0 + sigma_{t'} z,  z ~ N(0, I);    the last step returns x0.
 
-This is how the distilled students (`gen distill`) sample; on an ordinary diffusion model it works too (each step
-then starts from the model's denoised guess), but those do better with the solvers. eta is not used.
+A distilled student (`gen distill`, which learns exactly that map) can be served with it (--set
+student_sampler=consistency); on an ordinary diffusion model it works too (each step starts from the model's
+denoised guess), but those do better with the solvers. eta is not used.
 """
 from __future__ import annotations
 

@@ -28,10 +28,12 @@ def solo(rt, model: str, **kw) -> np.ndarray:
 def test_a_student_samples_with_its_own_sampler_and_steps_by_default(runtime):
     events = list(runtime.sync.generate(STUDENT, 2, seed=1))
     assert [e.step for e in events[:-1]] == [1, 2, 3, 4] and events[0].total == 4
-    explicit = solo(runtime, STUDENT, n=2, seed=1, sampler="consistency", steps=4)
+    explicit = solo(runtime, STUDENT, n=2, seed=1, sampler="ddim", steps=4)  # its sampler at 4 steps
     assert np.array_equal(events[-1].result.images, explicit)
+    two = solo(runtime, STUDENT, n=2, seed=1, steps=2)
+    assert np.array_equal(two, solo(runtime, STUDENT, n=2, seed=1, sampler="consistency", steps=2))
     info = next(m for m in runtime.models() if m["name"] == STUDENT)
-    assert info["samplers"] == ["consistency"]
+    assert info["samplers"] == ["consistency", "ddim"]
 
 
 def test_guidance_is_an_input_of_the_student(runtime):
@@ -63,7 +65,8 @@ def test_student_and_teacher_requests_served_together_equal_their_solo_results(r
     assert runs < 4 + 1 + 2, f"the student's three requests shared step runs ({runs} runs)"
 
 
-@pytest.mark.parametrize("kw,field", [(dict(steps=3), "steps"), (dict(sampler="ddim"), "sampler"),
+@pytest.mark.parametrize("kw,field", [(dict(steps=3), "steps"), (dict(sampler="consistency"), "sampler"),
+                                      (dict(sampler="ddim", steps=2), "sampler"),
                                       (dict(guidance=-1.0), "guidance"), (dict(guidance=3.5), "guidance")])
 def test_what_a_student_was_not_trained_for_is_refused(runtime, kw, field):
     with pytest.raises(InvalidArgument, match=field):

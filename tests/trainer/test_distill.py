@@ -58,7 +58,8 @@ def test_trajectories_are_a_pure_function_of_the_seed(teacher):
 
 @pytest.mark.parametrize("extra,match", [
     ({"width": 16}, "width=16"), ({"teacher_steps": 6}, "teacher_steps"), ({"student_steps": [2, 3]}, "student_steps"),
-    ({"guidance_range": [2.0, 1.0]}, "guidance_range"), ({"distill_from": "/nowhere"}, "no exported model")])
+    ({"guidance_range": [2.0, 1.0]}, "guidance_range"), ({"distill_from": "/nowhere"}, "no exported model"),
+    ({"student_sampler": {"4": "ddim"}}, "student_sampler"), ({"student_sampler": "heun"}, "student_sampler")])
 def test_student_options_are_checked(teacher, tmp_path, extra, match):
     config = tiny_config("diffusion", tmp_path / "run", family_options=student_options(teacher, **extra))
     with pytest.raises(ConfigError, match=match):

@@ -22,6 +22,7 @@ at few steps. `timestep_pairs` returns these (t, t_prev) pairs; every sampler us
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ class DiffusionConfig(FamilyConfig):
     # --- distillation (trainer/distill.py): set distill_from to train a few-step student of an exported model
     distill_from: str = ""  # the teacher's version folder, e.g. exported/mnist-diffusion/1; "" trains a teacher
     student_steps: tuple[int, ...] = (1, 2, 4)  # the step counts the student serves; each divides the largest
-    student_sampler: str = "ddim"  # how the student samples when served (any registered sampler)
+    # how the student is served: a registered sampler, or one per step count ({"2": "consistency", "4": "ddim"})
+    student_sampler: str | dict = "ddim"
     teacher_steps: int = 8  # steps of the teacher's trajectories; a multiple of the largest student count
     teacher_sampler: str = "dpm++"  # the (deterministic) serving sampler that solves the teacher's trajectories
     trajectories: int = 10000  # teacher trajectories, made once at the first step (a pure function of the seed)
@@ -351,8 +353,13 @@ class Diffusion(Family):
         lo, hi = config.guidance_range
         if not 0.0 <= lo <= hi:
             raise ConfigError(f"--set guidance_range={lo},{hi}: use 0 <= low <= high")
-        if config.student_sampler not in SAMPLERS:
-            raise ConfigError(f"--set student_sampler={config.student_sampler}: use one of {', '.join(SAMPLERS)}")
+        chosen = config.student_sampler
+        named = chosen.values() if isinstance(chosen, dict) else [chosen]
+        if not named or any(s not in SAMPLERS for s in named) or \
+                isinstance(chosen, dict) and set(chosen) != {str(k) for k in steps}:
+            raise ConfigError(f"--set student_sampler={json.dumps(chosen)}: use one of {', '.join(SAMPLERS)}, or an "
+                              "object with one for each of student_steps, e.g. {\"2\": \"consistency\", \"4\": "
+                              "\"ddim\"}")
         if config.teacher_sampler not in SAMPLERS or SAMPLERS[config.teacher_sampler].uses_noise(0.0):
             raise ConfigError(f"--set teacher_sampler={config.teacher_sampler}: use a deterministic sampler: "
                               + ", ".join(k for k, v in SAMPLERS.items() if not v.uses_noise(0.0)))
@@ -513,10 +520,16 @@ class Diffusion(Family):
             inputs["guidance"] = TensorSpec("float32", (-1,), *self.config.guidance_range)
         return {"denoiser": ExportGraph(_Denoiser(self.ema).eval(), inputs, {"output": TensorSpec("float32", image)})}
 
+    def student_samplers(self) -> dict[int, str]:
+        """A student's sampler for each of its step counts."""
+        chosen = self.config.student_sampler
+        return {k: chosen[str(k)] if isinstance(chosen, dict) else chosen for k in sorted(self.config.student_steps)}
+
     def served_sampling(self) -> tuple[str, int]:
         """(sampler, steps) of the progress grid and of export's served-loop check."""
         if self.student:
-            return self.config.student_sampler, max(self.config.student_steps)
+            steps = max(self.config.student_steps)
+            return self.student_samplers()[steps], steps
         return "ddim", self.config.sample_steps
 
     def manifest_sections(self) -> dict:
@@ -534,7 +547,8 @@ class Diffusion(Family):
                                sha256=t.manifest["graphs"]["denoiser"]["sha256"])
             except Exception:  # noqa: BLE001 - exported where the teacher is not: the path is what is known
                 pass
-            section["student"] = {"sampler": cfg.student_sampler, "steps": sorted(cfg.student_steps),
+            section["student"] = {"samplers": {str(k): v for k, v in self.student_samplers().items()},
+                                  "steps": sorted(cfg.student_steps),
                                   "default_steps": max(cfg.student_steps),
                                   "guidance": "input" if self.num_classes else "none",
                                   "guidance_range": list(cfg.guidance_range), "teacher": teacher}
