@@ -193,7 +193,8 @@ def export_cmd(run_dir, name, version, repo, opset, fp16, max_batch_size):
     """Export a trained run to REPO/NAME/VERSION/ as verified ONNX graphs plus manifest.json.
 
     Refuses to write a version whose graphs fail onnx.checker or differ from PyTorch by more than
-    1e-4 (fp16: 1e-2); diffusion models also pass a 50-step DDIM loop within 1e-3.
+    1e-4 (fp16: 1e-2); diffusion models also pass a 50-step DDIM loop (a student: its own sampler at its most steps)
+    through the served loop within 1e-3.
     """
     try:
         from trainer.export import ExportError, export_model

@@ -30,6 +30,8 @@ DEFAULT_MODELS = (
     DefaultModel("mnist-vae", "vae", options=(("conditional", False),)),
     DefaultModel("mnist-cgan", "gan"),
     DefaultModel("mnist-diffusion", "diffusion"),
+    # distilled from the mnist-diffusion just built (its preset's distill_from): keep it after its teacher
+    DefaultModel("mnist-diffusion-student", "diffusion-student"),
     DefaultModel("shapes-pix2pix", "pix2pix"),
     DefaultModel("stripes-cyclegan", "cyclegan"),
 )

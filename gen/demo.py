@@ -132,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             print(flush=True)
             grids.append((halfway, "the predicted clean images streamed at step 25 of 50"))
             save("diffusion-samples", result.pixels, "class-conditional diffusion, 4 of each digit")
+
+            say("mnist-diffusion-student: the same 40 labels in 4 steps, one U-Net row per image-step (streamed):")
+            for event in client.generate("mnist-diffusion-student", n=40, seed=0, labels=labels[:40]):
+                if isinstance(event, Images):
+                    result = event
+                else:
+                    print(f"\r  step {event.step}/{event.total}", end="", flush=True)
+            print(flush=True)
+            save("diffusion-student-samples", result.pixels,
+                 "its distilled student at 4 steps, the same labels (compare with diffusion-samples)")
     finally:
         code = stop_server(server)
         say(f"server stopped (exit status {code})")

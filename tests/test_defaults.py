@@ -43,7 +43,7 @@ def test_demo_serves_every_task_and_writes_the_grids(tmp_path):
     assert "step  50/50" in run.stdout, "the diffusion progress must be streamed"
     expected = {"cgan-samples": (10, 8), "vae-samples": (10, 8), "vae-reconstructions": (10, 8),
                 "pix2pix-shapes": (10, 6), "cyclegan-stripes": (10, 8), "diffusion-samples": (10, 4),
-                "diffusion-halfway": (10, 4)}
+                "diffusion-halfway": (10, 4), "diffusion-student-samples": (10, 4)}
     for name, (cols, rows) in expected.items():
         path = tmp_path / f"{name}.png"
         assert str(path) in run.stdout
