@@ -209,7 +209,7 @@ INVALID = [
     ("generate", ("tiny-diffusion", 1), {"guidance": -0.5}, "guidance"),
     ("generate", ("tiny-diffusion", 1), {"eta": 1.5}, "eta: must be a finite number between 0 and 1"),
     ("generate", ("tiny-diffusion", 1), {"sampler": "euler"},
-     "sampler: 'euler' is not one of ddim, ddpm, dpm\\+\\+, euler_a, unipc"),
+     "sampler: 'euler' is not one of consistency, ddim, ddpm, dpm\\+\\+, euler_a, unipc"),
     ("generate", ("tiny-diffusion", 1), {"preview_every": -1}, "preview_every"),
     ("generate", ("tiny-diffusion", 0), {}, "n: must be between 1 and 256"),
     ("generate", ("tiny-diffusion", 2), {"labels": [10]}, r"labels\[0\]"),
