@@ -456,9 +456,9 @@ class Diffusion(Family):
 
         if step == 0:
             self._start_student()
-        if self._pairs is None:
-            self._pairs = self._trajectory_pairs()
-        P, grid = self._pairs, torch.tensor(self.student_grid())
+        if self._pairs is None:  # once per process: the trajectories and the timesteps they were kept at
+            self._pairs, self._grid = self._trajectory_pairs(), torch.tensor(self.student_grid())
+        P, grid = self._pairs, self._grid
         idx = torch.randint(0, len(P["x0"]), (B,))
         g = torch.randint(0, len(grid), (B,))
         x_t, target = P["x"][idx, g].to(self.device), P["x0"][idx].to(self.device)
