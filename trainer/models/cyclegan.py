@@ -51,6 +51,11 @@ class CycleGANConfig(FamilyConfig):
     # them in noise that a plain output should not have
     cycle_b_scale: float = 1.0
     lambda_identity: float = 0.5  # multiplied by lambda_cycle, as in the reference
+    # steps over which the cycle and identity weights rise linearly from 0 to their values. Residual generators
+    # without normalisation start as the identity, which meets both losses exactly; L1's gradient does not
+    # shrink near that point, so at full weight it can outweigh the adversarial push for good (two runs in three
+    # never left it). 0: full weight from the first step, as in the reference
+    cycle_warmup: int = 0
     pool_size: int = 50  # past fakes shown to each discriminator (Shrivastava et al. 2017)
     beta1: float = 0.5
     steps: int = 10_000  # total training steps; the loop sets it from --steps
@@ -184,6 +189,8 @@ class CycleGAN(Family):
         if config.downsamplings < -1 or info.size >> max(0, config.downsamplings) < 4:
             raise ConfigError(f"--set downsamplings={config.downsamplings}: use -1 (automatic) or 0 to "
                               f"{info.size.bit_length() - 3} for {info.size}x{info.size} images")
+        if config.cycle_warmup < 0:
+            raise ConfigError(f"--set cycle_warmup={config.cycle_warmup} must be at least 0")
         if config.cycle_b_scale < 0:
             raise ConfigError(f"--set cycle_b_scale={config.cycle_b_scale} must be at least 0")
         if config.pool_size < 0:
@@ -206,11 +213,12 @@ class CycleGAN(Family):
                  + gan_loss(c.gan_loss, D_a(fake_a), True, for_discriminator=False))
         cycle_a, cycle_b = F.l1_loss(G_ba(fake_b), a), F.l1_loss(G_ab(fake_a), b)
         cycle = cycle_a + cycle_b
-        loss = g_gan + c.lambda_cycle * (cycle_a + c.cycle_b_scale * cycle_b)
+        lambda_cycle = c.lambda_cycle * (min(1.0, step / c.cycle_warmup) if c.cycle_warmup else 1.0)
+        loss = g_gan + lambda_cycle * (cycle_a + c.cycle_b_scale * cycle_b)
         identity = torch.zeros((), device=self.device)
         if c.lambda_identity > 0:
             identity = F.l1_loss(G_ab(b), b) + F.l1_loss(G_ba(a), a)
-            loss = loss + c.lambda_cycle * c.lambda_identity * identity
+            loss = loss + lambda_cycle * c.lambda_identity * identity
         step_optimizer(self.optimizers["generators"], loss)
 
         # discriminators: real -> 1, pooled past fakes -> 0, halved as in the reference

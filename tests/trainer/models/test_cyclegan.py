@@ -78,6 +78,8 @@ def test_check():
         CycleGAN.check(CycleGANConfig(norm="group"), INFO)
     with pytest.raises(ConfigError, match="--set cycle_b_scale"):
         CycleGAN.check(CycleGANConfig(cycle_b_scale=-0.5), INFO)
+    with pytest.raises(ConfigError, match="--set cycle_warmup"):
+        CycleGAN.check(CycleGANConfig(cycle_warmup=-1), INFO)
 
 
 def test_cycle_b_scale_changes_only_the_weight_of_the_b_cycle():
@@ -90,6 +92,22 @@ def test_cycle_b_scale_changes_only_the_weight_of_the_b_cycle():
     default, scaled_1, scaled_0 = after_one_step(), after_one_step(cycle_b_scale=1.0), after_one_step(cycle_b_scale=0.0)
     assert all(torch.equal(default[k], scaled_1[k]) for k in default)
     assert any(not torch.equal(default[k], scaled_0[k]) for k in default)
+
+
+def test_cycle_warmup_ramps_the_cycle_and_identity_weights():
+    def after_step(step, **kw):
+        m = make(**kw)
+        m.train_step(batches(1)[0], step)
+        return m.nets["generator_ab"].state_dict()
+
+    def same(x, y):
+        return all(torch.allclose(x[k], y[k], atol=1e-7) for k in x)
+
+    # step 0 of a warm-up: no cycle or identity term; halfway: half of lambda_cycle; after it: the full weight
+    assert same(after_step(0, cycle_warmup=100), after_step(0, lambda_cycle=0.0))
+    assert not same(after_step(0, cycle_warmup=100), after_step(0))
+    assert same(after_step(50, cycle_warmup=100), after_step(50, lambda_cycle=5.0))
+    assert same(after_step(100, cycle_warmup=100), after_step(100))
 
 
 def test_defaults_follow_the_reference():
