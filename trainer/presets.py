@@ -26,7 +26,7 @@ PRESETS: dict[str, dict] = {
     # shape's colour, and batch norm over 4 images serves with running statistics the net never trained on
     # (README, "Default models and quality", has the variants measured). Without normalisation the generators
     # start as the identity, and the cycle and identity losses at full weight kept two runs in three there:
-    # they rise over the first 1,000 steps. The colour and shape bars kept improving up to 8,000 steps
+    # they rise over the first 1,000 steps. Colour error was still falling at 8,000 steps
     "cyclegan": {"family": "cyclegan", "data": "stripes", "steps": 8000, "batch_size": 4, "lr": 2e-4, "flip": False,
                  "family_options": {"width": 16, "norm": "none", "cycle_warmup": 1000}},
     # gen eval (50 DDIM steps, n=1000): 1,500 steps gave Frechet distance 116x the real-vs-real baseline at
