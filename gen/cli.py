@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from serve.families import DENOISE, FAMILIES
 from serve.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 
 SAMPLER_NAMES = tuple(SAMPLERS)
@@ -106,7 +107,7 @@ def cli():
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its checkpoint.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
 def train(name, set_, resume, progress, no_flip, **options):
-    """Train NAME, a preset or a family (vae, gan, pix2pix, cyclegan, diffusion).
+    """Train NAME, a preset or a family (both listed below).
 
     With no --data it trains on the embedded default data. Writes config.json, metrics.jsonl,
     samples/*.png and checkpoint.pt into --run-dir. Under torchrun it trains data-parallel
@@ -160,14 +161,15 @@ def distill_cmd(teacher, set_, resume, progress, **options):
     serves next to its teacher.
     """
     from trainer.distill import TeacherError, load_teacher
-    from trainer.models.diffusion import Diffusion
+    from trainer.models import get_family
 
     try:
         from trainer.loop import fit
         from trainer.presets import preset_config
 
         t = load_teacher(teacher)
-        family_options = {k: t.config[k] for k in (*Diffusion.TEACHER_FIELDS, "guidance") if k in t.config}
+        student = get_family(get_family(t.manifest["family"]).student_family)  # load_teacher checked it has one
+        family_options = {k: t.config[k] for k in (*student.TEACHER_FIELDS, "guidance") if k in t.config}
         family_options.update(distill_from=str(t.path), **_parse_set(set_))
         given = {k: v for k, v in options.items() if v is not None}
         given.setdefault("run_dir", f"runs/{t.manifest['name']}-student")
@@ -350,8 +352,9 @@ def _sweep(root, names: list[str], config, sweep_steps: str, json_path: str | No
                     report = evaluate(root, name, config=cfg, log=lambda msg: click.echo(f"  {msg}", err=True))
                 except EvalError as e:
                     raise UserError(str(e)) from None
-                if report.family != "diffusion":
-                    raise UserError(f"--sweep: {name} is a {report.family} model; the sweep is for diffusion models")
+                if FAMILIES[report.family].task != DENOISE:
+                    raise UserError(f"--sweep: {name} is a {report.family} model; the sweep is for denoising "
+                                    "models (diffusion, flow)")
                 metrics = {m.name: m.value for m in report.metrics}
                 rows.append({**key, "class_accuracy": metrics.get("class accuracy"),
                              "frechet_ratio": metrics["frechet / baseline"],

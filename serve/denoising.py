@@ -9,7 +9,7 @@ needs no new graph and no re-export.
 `iteration`: inputs
     state [P, S, C, H, W]  every resident row's sampler state (x first), P slots
     slots [B] int64        the slots of this iteration's rows
-    t [B] int64            their timesteps
+    t [B]                  their times, the denoiser's own `t` type (int64 timesteps or float32 t)
     label [B] int64, guidance [B] float32     (conditional models only)
     conv [B, 3] float32    x0 = conv[0] x + conv[1] out, clipped to [-1, 1] where conv[2] > 0.5
     coef [B, S, S + 2]     the update: new_state = coef @ (*state, x0, noise)
@@ -50,6 +50,7 @@ def iteration_model(denoiser: onnx.ModelProto, image_shape: tuple[int, int, int]
     if not {"x_t", "t"} <= names or g.output[0].name != "output":
         raise ValueError(f"denoiser: expected inputs x_t, t [, label] and output 'output', got {sorted(names)}")
     conditional = "label" in names
+    t_type = next(i.type.tensor_type.elem_type for i in g.input if i.name == "t")
     guided_input = "guidance" in names  # a student: guidance is the denoiser's input, not a doubled batch
     if guided_input and not conditional:
         raise ValueError("denoiser: a guidance input needs a label input")
@@ -65,7 +66,7 @@ def iteration_model(denoiser: onnx.ModelProto, image_shape: tuple[int, int, int]
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [helper.make_tensor_value_info("state", f32, ["P", S, C, H, W]),
               helper.make_tensor_value_info("slots", i64, ["B"]),
-              helper.make_tensor_value_info("t", i64, ["B"])]
+              helper.make_tensor_value_info("t", t_type, ["B"])]
     if conditional:
         inputs += [helper.make_tensor_value_info("label", i64, ["B"]),
                    helper.make_tensor_value_info("guidance", f32, ["B"])]

@@ -14,7 +14,7 @@ requested previews are copied back.
 Per row (sample i of a request with seed s):
   * rng = np.random.default_rng(np.random.SeedSequence([s, i])); x_T is its first draw, then, for samplers that
     use noise, one draw per step in step order, so a row's result depends on nothing but its own parameters;
-  * its request's plan (one update matrix per step), its position in the (t, t_prev) pairs of the trailing rule.
+  * its request's plan (one update matrix per step), its position in the (t, t_prev) pairs of the schedule's grid.
 
 Like the batcher, the loop is a thread (every iteration is a blocking run) and talks to callers through a
 `deliver` callback, so asyncio handlers and synchronous code use it alike.
@@ -32,15 +32,7 @@ import numpy as np
 from serve.batcher import Stats
 from serve.errors import Cancelled, DeadlineExceeded, Internal, ResourceExhausted, ServeError, Unavailable
 from serve.samplers import NoiseSchedule, Sampler, padded_plan
-
-
-def timestep_pairs(steps: int, num_train_timesteps: int) -> list[tuple[int, int]]:
-    """Trailing spacing: t_i = round(T (S - i) / S) - 1 for i = 0..S-1 (round half to even), then -1."""
-    T = num_train_timesteps
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in 1..{T}, got {steps}")
-    ts = [round(T * (steps - i) / steps) - 1 for i in range(steps)]
-    return list(zip(ts, ts[1:] + [-1]))
+from serve.samplers.schedule import timestep_pairs  # noqa: F401 - the discrete rule, imported from here by others
 
 
 def row_rng(seed: int, index: int) -> np.random.Generator:
@@ -89,7 +81,7 @@ class GenerationRequest:
         self.eta = float(eta)
         self.sampler = sampler
         self.steps = steps
-        self.pairs = timestep_pairs(steps, schedule.T)
+        self.pairs = schedule.pairs(steps)
         self.plan = padded_plan(sampler, schedule, self.pairs, self.eta, state_size)  # [steps, S, S + 2]
         clip = 1.0 if sampler.clip_x0 else 0.0
         self.conv = np.array([(*schedule.to_x0(t), clip) for t, _ in self.pairs], np.float32)  # [steps, 3]
@@ -262,7 +254,7 @@ class DiffusionScheduler:
                                   else np.zeros(shape, np.float32) for r in rows])
             out = self.session.step(
                 slots=np.array([r.slot for r in rows], np.int64),
-                t=np.array([r.request.pairs[r.pos][0] for r in rows], np.int64),
+                t=self.schedule.model_time([r.request.pairs[r.pos][0] for r in rows]),
                 label=np.array([r.request.labels[r.index] for r in rows], np.int64),
                 guidance=np.array([r.request.guidance for r in rows], np.float32),
                 conv=np.stack([r.request.conv[r.pos] for r in rows]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SAMPLE, TRANSLATE, DENOISE = "sample", "translate", "denoise"  # the tasks (gen.v1: Sample, Translate, Generate)
+GAUSSIAN = "gaussian"  # a latent kind (FamilySpec.latent)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,15 +21,19 @@ class FamilySpec:
     graphs: frozenset[str]  # the graphs every export ships
     legacy_graphs: frozenset[str] = frozenset()  # accepted in older exports, not needed any more
     generator: str | None = None  # SAMPLE: the graph that draws images from latents (and labels)
+    latent: str = ""  # SAMPLE: how the generator's `z` is drawn per image: GAUSSIAN, N(0, I) of z's shape
     encoder: str | None = None  # SAMPLE: image [, label] -> mean, logvar (Encode), if the family has one
     directions: dict[str, str] = field(default_factory=dict)  # TRANSLATE: "AtoB"/"BtoA" -> graph
-    denoiser: str | None = None  # DENOISE: x_t, t [, label] -> eps or v
+    # DENOISE: x_t, t [, label] -> the network's output; the manifest's `diffusion` section says what t and the
+    # output are (schedule, prediction: serve/samplers/schedule.py), so samplers and the loop need nothing else
+    denoiser: str | None = None
 
 
 FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (
     FamilySpec(name="vae", task=SAMPLE, data_kind="images", graphs=frozenset({"encoder", "decoder"}),
-               generator="decoder", encoder="encoder"),
-    FamilySpec(name="gan", task=SAMPLE, data_kind="images", graphs=frozenset({"generator"}), generator="generator"),
+               generator="decoder", latent=GAUSSIAN, encoder="encoder"),
+    FamilySpec(name="gan", task=SAMPLE, data_kind="images", graphs=frozenset({"generator"}), generator="generator",
+               latent=GAUSSIAN),
     FamilySpec(name="pix2pix", task=TRANSLATE, data_kind="paired", graphs=frozenset({"generator"}),
                directions={"AtoB": "generator"}),
     FamilySpec(name="cyclegan", task=TRANSLATE, data_kind="unpaired",

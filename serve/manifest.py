@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serve.families import DENOISE, FAMILIES
+from serve.samplers.schedule import PREDICTIONS, SCHEDULES
 
 FORMAT = "gen.manifest/1"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 DTYPES = ("float32", "float16", "int64")
+# the section a denoising model's manifest carries (schedule, prediction, null class, a student's sampling), named
+# for the first family that had one: every family of task DENOISE writes it, and exports already shipped use it
+DENOISING = "diffusion"
 TASKS = {name: spec.task for name, spec in FAMILIES.items()}
 
 
@@ -169,12 +173,15 @@ def parse_manifest(d: dict) -> Manifest:
     if mbs < 1:
         raise ManifestError("serving.max_batch_size: must be >= 1")
     provenance = _get(d, "provenance", dict, "manifest")
-    diffusion = d.get("diffusion")
+    diffusion = d.get(DENOISING)
     if FAMILIES[family].task == DENOISE:
-        diffusion = _get(d, "diffusion", dict, "manifest")
+        diffusion = _get(d, DENOISING, dict, "manifest")
         _get(diffusion, "num_train_timesteps", int, "diffusion")
-        _get(diffusion, "prediction", str, "diffusion")
-        _get(diffusion, "schedule", str, "diffusion")
+        if _get(diffusion, "prediction", str, "diffusion") not in PREDICTIONS:
+            raise ManifestError(f"diffusion.prediction: {diffusion['prediction']!r} is not one of "
+                                f"{', '.join(PREDICTIONS)}")
+        if _get(diffusion, "schedule", str, "diffusion") not in SCHEDULES:
+            raise ManifestError(f"diffusion.schedule: {diffusion['schedule']!r} is not one of {', '.join(SCHEDULES)}")
         if _get(diffusion, "timestep_spacing", str, "diffusion") != "trailing":
             raise ManifestError("diffusion.timestep_spacing: only 'trailing' is supported")
         if "student" in diffusion:

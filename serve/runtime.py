@@ -38,7 +38,7 @@ import onnxruntime as ort
 from serve.batcher import DynamicBatcher, Stats
 from serve.diffusion import DiffusionScheduler, Done, GenerationRequest, Progress, row_rng
 from serve.errors import FailedPrecondition, InvalidArgument, NotFound, ServeError, Unavailable
-from serve.families import DENOISE, FAMILIES, FamilySpec
+from serve.families import DENOISE, FAMILIES, GAUSSIAN, FamilySpec
 from serve.manifest import GraphInfo, Manifest
 from serve.repository import IndexEntry, ModelVersion, Repository, check_name
 from serve.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, NoiseSchedule, state_size
@@ -103,6 +103,10 @@ class GraphHandle:
 
 
 NO_LABELS = np.zeros(0, np.int64)
+# how a latent is drawn from a row's generator, by the family's FamilySpec.latent
+LATENTS: dict[str, Callable[[np.random.Generator, tuple], np.ndarray]] = {
+    GAUSSIAN: lambda rng, shape: rng.standard_normal(shape, dtype=np.float32),
+}
 # which families each task method works on, read from their specs (serve/families.py)
 CAN: dict[str, Callable[[FamilySpec], bool]] = {
     "sample": lambda f: f.generator is not None,
@@ -386,7 +390,7 @@ class Runtime:
         info = mv.manifest.graphs[graph]
         labels = labels_for(labels, n, mv.manifest)
         z_shape = tuple(_input(info, "z").shape[1:])
-        z = np.stack([row_rng(seed, i).standard_normal(z_shape, dtype=np.float32) for i in range(n)])
+        z = np.stack([LATENTS[spec.latent](row_rng(seed, i), z_shape) for i in range(n)])
         out = await self.batcher(mv, graph).run(_with_label({"z": z}, info, labels, n), deadline)
         return SampleResult(out["image"], _or_none(labels), seed, mv.name, mv.version)
 

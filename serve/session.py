@@ -30,6 +30,7 @@ import onnxruntime as ort
 
 from serve.denoising import admit_model, iteration_model
 from serve.errors import FailedPrecondition
+from serve.families import FAMILIES
 from serve.manifest import GraphInfo, Manifest
 
 DEVICES = ("auto", "cpu", "cuda")  # plus "cuda:N"
@@ -183,7 +184,7 @@ class DenoisingSession:
     def __init__(self, version_dir: Path, manifest: Manifest, state_size: int, capacity: int,
                  device: str = "auto", threads: int | None = None, spin: bool = True, fp16: bool | None = None,
                  cuda_graphs: bool = False):
-        info = manifest.graphs["denoiser"]
+        info = manifest.graphs[FAMILIES[manifest.family].denoiser]
         shape = (manifest.image["channels"], manifest.image["height"], manifest.image["width"])
 
         def iteration_on(path: Path, device: str):
@@ -204,6 +205,8 @@ class DenoisingSession:
                                            threads, spin, name="admit")
         self.admit_session = admit_session
         self.conditional = bool(manifest.num_classes)
+        # integer timesteps (DDPM) or a continuous t (flows): the denoiser's own input says which
+        self.time_dtype = np.dtype(next(t.dtype for t in info.inputs if t.name == "t"))
         self.image_shape = shape
         self.state_size = state_size
         self.capacity = capacity
@@ -237,7 +240,7 @@ class DenoisingSession:
             image = (b, *self.image_shape)
             buf = {"x": self._zeros(image), "x0": self._zeros(image), "noise": self._zeros(image)}
             if self.cuda_graphs:  # fixed addresses for every input of a captured graph
-                buf.update(slots=self._zeros((b,), np.int64), t=self._zeros((b,), np.int64),
+                buf.update(slots=self._zeros((b,), np.int64), t=self._zeros((b,), self.time_dtype),
                            label=self._zeros((b,), np.int64), guidance=self._zeros((b,)),
                            conv=self._zeros((b, 3)), coef=self._zeros((b, self.state_size, self.state_size + 2)))
             self._buffers[b] = buf
@@ -262,7 +265,7 @@ class DenoisingSession:
         """One iteration over the rows in `slots`: their state advances on the device."""
         rows = len(slots)
         b = next(k for k in self.buckets if k >= rows) if self.cuda_graphs else rows
-        feeds = {"slots": np.asarray(slots, np.int64), "t": np.asarray(t, np.int64),
+        feeds = {"slots": np.asarray(slots, np.int64), "t": np.asarray(t, self.time_dtype),
                  "conv": np.asarray(conv, np.float32), "coef": np.asarray(coef, np.float32)}
         if self.conditional:
             feeds.update(label=np.asarray(label, np.int64), guidance=np.asarray(guidance, np.float32))

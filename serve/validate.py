@@ -134,7 +134,8 @@ def check_domains(feeds: dict[str, np.ndarray], m: Manifest) -> None:
         # the legacy step graph's inputs, for models exported before the sampler registry
         limits.update(t=(0, T - 1), t_prev=(-1, T - 1), t_last=(-1, T - 1), sampler=(0, 2))
     for name, (lo, hi) in limits.items():
-        if name in feeds and len(feeds[name]):
+        # a continuous input (a flow's t in [0, 1]) indexes nothing: out of range it extrapolates, it cannot fail
+        if name in feeds and len(feeds[name]) and np.issubdtype(feeds[name].dtype, np.integer):
             v = feeds[name]
             if v.min() < lo or v.max() > hi:
                 bad = int(v[(v < lo) | (v > hi)][0])

@@ -27,7 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from serve.diffusion import timestep_pairs
+from serve.families import FAMILIES
+from serve.manifest import DENOISING
 from serve.samplers import SAMPLERS, NoiseSchedule
+from trainer.models import FAMILY_NAMES, get_family
 
 
 class TeacherError(ValueError):
@@ -46,7 +49,7 @@ class Teacher:
 
     @property
     def schedule(self) -> NoiseSchedule:
-        d = self.manifest["diffusion"]
+        d = self.manifest[DENOISING]
         return NoiseSchedule.of(d["schedule"], d["num_train_timesteps"], d["prediction"])
 
     def session(self):
@@ -69,13 +72,14 @@ def load_teacher(path: str | Path) -> Teacher:
         raise TeacherError(f"--set distill_from={path}: no exported model there; give a version folder such as "
                            "exported/mnist-diffusion/1")
     manifest = json.loads((path / "manifest.json").read_text())
-    if manifest.get("family") != "diffusion":
-        raise TeacherError(f"--set distill_from={path}: a {manifest.get('family')} model; the teacher must be a "
-                           "diffusion model")
-    if manifest.get("diffusion", {}).get("student"):
+    if manifest.get("family") not in FAMILY_NAMES or get_family(manifest["family"]).student_family is None:
+        can = [f for f in FAMILY_NAMES if get_family(f).student_family]
+        raise TeacherError(f"--set distill_from={path}: a {manifest.get('family')} model, which cannot be distilled; "
+                           f"the teacher must be a model of {', '.join(can)}")
+    if manifest.get(DENOISING, {}).get("student"):
         raise TeacherError(f"--set distill_from={path}: that is a distilled student; distil from its teacher "
-                           f"{manifest['diffusion']['student'].get('teacher', {}).get('name', '')!r} instead")
-    graph = manifest["graphs"]["denoiser"]
+                           f"{manifest[DENOISING]['student'].get('teacher', {}).get('name', '')!r} instead")
+    graph = manifest["graphs"][FAMILIES[manifest["family"]].denoiser]
     return Teacher(path, manifest, path / graph["file"])
 
 

@@ -39,14 +39,13 @@ from torch import nn
 from serve.families import DENOISE, FAMILIES, SAMPLE, FamilySpec
 from trainer.data import EMBEDDED_TRAIN, load_dataset, stripes_scenes
 from trainer.loop import atomic_write
+from trainer.models import get_family
 
 CLASSIFIER_VERSION = 1  # bump when the classifier's architecture or training changes: invalidates caches
-# quality bars of class accuracy for conditional samples, per family (the project's bars for its shipped models)
-CLASS_ACCURACY_BAR = {"gan": 0.90, "diffusion": 0.95}
-FRECHET_BAR = 3.0  # diffusion: Frechet distance at most this many times the real-vs-real baseline
+# a family's own bars (class accuracy, Frechet / baseline) and sampling setting are its trainer file's
+# (Family.class_accuracy_bar, frechet_bar, eval_sampling)
 # a distilled student's bars per step count: (class accuracy, Frechet / baseline); other counts are reported only
 STUDENT_BARS = {4: (0.97, 2.0), 2: (0.95, 3.0)}
-TEACHER_SAMPLING = ("ddim", 50)  # what a teacher is scored at unless told: README's quality table
 
 
 class EvalError(ValueError):
@@ -241,11 +240,11 @@ def _map(rt_call, images: np.ndarray, size: int) -> np.ndarray:
 
 def sampling_settings(manifest, cfg: EvalConfig) -> list[EvalConfig]:
     """The (sampler, steps) settings `gen eval` scores a diffusion model at: a student at each of its step counts
-    unless --steps picks one, a teacher at cfg's setting (TEACHER_SAMPLING by default)."""
+    unless --steps picks one, other models at cfg's setting (by default their family's `eval_sampling`)."""
     student = manifest.student
     if student is None:
-        return [dataclasses.replace(cfg, sampler=cfg.sampler or TEACHER_SAMPLING[0],
-                                    steps=cfg.steps or TEACHER_SAMPLING[1])]
+        sampler, steps = get_family(manifest.family).eval_sampling or (None, None)
+        return [dataclasses.replace(cfg, sampler=cfg.sampler or sampler, steps=cfg.steps or steps)]
     if cfg.steps is not None and cfg.steps not in student["steps"]:
         raise EvalError(f"--steps {cfg.steps}: {manifest.name} samples in "
                         f"{', '.join(map(str, student['steps']))} steps")
@@ -340,7 +339,8 @@ def _generator(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -
     report.details["seconds_per_sample"] = round((time.perf_counter() - t_sample) / cfg.n, 5)
     feats, pred = net.predict(samples)
     fd = frechet_distance(feats[rng.choice(len(feats), n_fd, replace=False)], test_feats)
-    accuracy_bar, frechet_bar = CLASS_ACCURACY_BAR.get(m.family), FRECHET_BAR if denoise else None
+    family = get_family(m.family)
+    accuracy_bar, frechet_bar = family.class_accuracy_bar, family.frechet_bar
     if denoise and m.student:
         accuracy_bar, frechet_bar = STUDENT_BARS.get(cfg.steps, (None, None))
     report.add("frechet distance", fd, at_most=frechet_bar * baseline if frechet_bar else None)

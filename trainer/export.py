@@ -1,10 +1,11 @@
 """`gen export`: a trained run -> exported/<name>/<version>/, verified before it becomes visible.
 
 Each graph is exported with the dynamo exporter (eval mode, dynamic batch axis, one self-contained
-file), checked with onnx.checker, and run in onnxruntime against PyTorch at batch 1 and 7. Diffusion
-models also drive a 50-step DDIM loop through the ONNX step graph and compare it with the same loop in
-PyTorch. Everything is written under a hidden temporary folder that is renamed into place only when
-every check passed, so readers (the server, `gen models`) never see half a version.
+file), checked with onnx.checker, and run in onnxruntime against PyTorch at batch 1 and 7. Then the family's
+own checks of the version as a whole (`Family.export_checks`: a denoising model drives the server's own loop over
+its exported denoiser and compares it with the same sampler in PyTorch). Everything is written under a hidden
+temporary folder that is renamed into place only when every check passed, so readers (the server, `gen models`)
+never see half a version.
 """
 from __future__ import annotations
 
@@ -20,14 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve.families import DENOISE
 from serve.manifest import FORMAT, NAME_RE, file_sha256, parse_manifest
 from trainer.loop import atomic_write, load_run
 from trainer.models import ConfigError, ExportGraph, Family, TensorSpec
 
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 1e-2  # on the [-1, 1] image scale
-DDIM_TOLERANCE = 1e-3
 PARITY_BATCHES = (1, 7)
 DEFAULT_OPSET = 18
 
@@ -86,49 +85,6 @@ def parity(graph: ExportGraph, path: Path, fp16: bool = False) -> dict[str, floa
         result[f"batch_{batch}"] = max(float(np.abs(g.astype(np.float32) - e.numpy()).max())
                                        for g, e in zip(got, expected))
     return result
-
-
-def served_loop_parity(family: Family, version_dir: Path, manifest: dict, batch: int = 4) -> float:
-    """A run through the server's own loop (serve.diffusion over the exported denoiser, the iteration graph
-    assembled as at load time) vs trainer.models.diffusion.run_sampler, with the family's own sampler and steps
-    (50 DDIM steps for a teacher, the student's sampler at its most steps): final max abs diff."""
-    import queue
-
-    from serve.diffusion import DiffusionScheduler, Done, row_rng
-    from serve.samplers import SAMPLERS, NoiseSchedule, state_size
-    from serve.session import DenoisingSession
-    from trainer.models.diffusion import run_sampler
-
-    m = parse_manifest(manifest)
-    d = m.diffusion
-    schedule = NoiseSchedule.of(d["schedule"], d["num_train_timesteps"], d["prediction"])
-    session = DenoisingSession(version_dir, m, state_size(), capacity=batch, device="cpu")
-    loop = DiffusionScheduler(session, schedule, name=m.name, max_batch_size=batch)
-    k = family.info.num_classes
-    labels = np.arange(batch) % max(k, 1)
-    guidance = 3.0 if k else 1.0
-    sampler, steps = family.served_sampling()
-    events: queue.Queue = queue.Queue()
-    loop.submit(seed=7, labels=labels, guidance=guidance, eta=0.0, sampler=SAMPLERS[sampler], steps=steps,
-                deliver=events.put)
-    try:
-        while not isinstance(event := events.get(timeout=600), (Done, Exception)):
-            pass
-    finally:
-        loop.close()
-    if isinstance(event, Exception):
-        raise ExportError(f"the served loop failed on the exported denoiser: {event}")
-    shape = (m.image["channels"], m.image["height"], m.image["width"])
-    rngs = [row_rng(7, i) for i in range(batch)]
-    x_T = np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
-    noises = None
-    if SAMPLERS[sampler].uses_noise(0.0):  # the rows' own draws, in the server's order: x_T, then one per step
-        noises = [torch.from_numpy(np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs]))
-                  for _ in range(steps)]
-    with torch.no_grad():
-        expected = run_sampler(family.ema, schedule, torch.from_numpy(x_T), torch.from_numpy(labels), sampler,
-                               steps, guidance, 0.0, None, noises).clamp(-1, 1)
-    return float(np.abs(event.images - expected.numpy()).max())
 
 
 def _fp16_variant(src: Path, dst: Path) -> None:
@@ -200,15 +156,15 @@ def export_model(run_dir: str | Path, name: str, repo: str | Path = "exported", 
                 entry["fp16"] = {"file": half.name, "sha256": file_sha256(half), "bytes": half.stat().st_size,
                                  "parity": {**result16, "tolerance": FP16_TOLERANCE}}
             graphs_json[gname] = entry
-        if family.spec().task == DENOISE:
-            draft = _manifest(family, dataset, record, name, version, opset, graphs_json, {}, max_batch_size)
-            err = served_loop_parity(family, tmp, draft)
-            sampler, steps = family.served_sampling()
-            log(f"  {steps}-step {sampler} loop through the served loop vs PyTorch: max abs diff {err:.2e}")
-            if err > DDIM_TOLERANCE:
-                raise ExportError(f"{steps}-step {sampler} loop: the served loop differs from PyTorch by {err:.3g} "
-                                  f"(tolerance {DDIM_TOLERANCE}); nothing was written")
-            model_parity[f"{sampler}_{steps}_steps"] = {"max_abs": err, "tolerance": DDIM_TOLERANCE}
+        # the family's checks of the version as a whole (a denoiser: the served loop against PyTorch)
+        draft = _manifest(family, dataset, record, name, version, opset, graphs_json, {}, max_batch_size)
+        for check, result in family.export_checks(tmp, draft).items():
+            err, tolerance = result["max_abs"], result["tolerance"]
+            log(f"  {check}: {result.get('what', check)} vs PyTorch: max abs diff {err:.2e}")
+            if err > tolerance:
+                raise ExportError(f"{check}: {result.get('what', check)} differs from PyTorch by {err:.3g} "
+                                  f"(tolerance {tolerance}); nothing was written")
+            model_parity[check] = {"max_abs": err, "tolerance": tolerance}
         manifest = _manifest(family, dataset, record, name, version, opset, graphs_json, model_parity,
                              max_batch_size)
         parse_manifest(manifest)  # the server's own schema check, before anything is published

@@ -32,10 +32,10 @@ class EulerAncestral(Sampler):
         x, x0, noise = terms(cls)
         out = []
         for t, tp in pairs:
-            a_t, a_p = schedule.alpha(t), schedule.alpha(tp)
-            sigma, sigma_to = schedule.sigma(t) / a_t, schedule.sigma(tp) / a_p
-            sigma_up = math.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
-            sigma_down = math.sqrt(max(sigma_to**2 - sigma_up**2, 0.0))
-            scaled = x / a_t
-            out.append(matrix(a_p * (scaled + (scaled - x0) * ((sigma_down - sigma) / sigma) + sigma_up * noise)))
+            a_t, s_t, a_p, s_p = schedule.alpha(t), schedule.sigma(t), schedule.alpha(tp), schedule.sigma(tp)
+            # the update above with r = sigma_to / sigma (sigma_down = sigma_to r, sigma_up = sigma_to sqrt(1 - r^2)),
+            # multiplied out so that a path starting at pure noise (alpha_t = 0, sigma = inf: a flow) stays finite
+            r = s_p * a_t / (a_p * s_t)
+            keep = math.sqrt(max(1.0 - r * r, 0.0))
+            out.append(matrix((s_p * r / s_t) * x + (a_p * (1.0 - r * r)) * x0 + (s_p * keep) * noise))
         return np.stack(out)

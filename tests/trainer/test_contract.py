@@ -9,6 +9,7 @@ from PIL import Image
 
 from tests.conftest import tiny_config
 from trainer.loop import CHECKPOINT, TrainingError, fit, load_run
+from trainer.models import Family
 
 
 def _metrics(run_dir):
@@ -101,3 +102,86 @@ def test_family_learning_rate_default_is_kept(tmp_path):
     assert result.family.config.lr == VAEConfig().lr
     result = fit(tiny_config("vae", tmp_path / "b", steps=1, lr=3e-4), progress=False)
     assert result.family.config.lr == 3e-4
+
+
+# --- the family contract holds: code reaches a family through its declaration, never its name ------------------
+
+CONTRACT_PACKAGES = ("serve", "trainer", "gen")
+# where a family's name may appear as a value: its own declaration, and the presets and shipped-model lists that
+# name families on purpose
+NAMING_ALLOWED = {"serve/families.py", "trainer/presets.py", "gen/defaults.py"}
+
+
+def _family_name_uses(path, names: set[str]) -> list[str]:
+    """`x == "gan"`, `x in ("vae", "gan")`, `{"gan": ...}[x]` and the like, as 'file:line: source'."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    found = []
+
+    def names_in(node) -> bool:  # a name itself, or a tuple, list or set of constants holding one
+        items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+        return any(isinstance(n, ast.Constant) and n.value in names for n in items)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and (names_in(node.left) or any(names_in(c) for c in node.comparators)):
+            found.append(node)
+        elif isinstance(node, ast.Dict) and any(isinstance(k, ast.Constant) and k.value in names for k in node.keys):
+            found.append(node)
+        elif isinstance(node, ast.MatchValue) and names_in(node.value):
+            found.append(node)
+    return [f"{path}:{n.lineno}: {ast.get_source_segment(path.read_text(), n)}" for n in found]
+
+
+def test_no_code_outside_the_registry_asks_for_a_family_by_name():
+    from pathlib import Path
+
+    from serve.families import FAMILIES
+
+    root = Path(__file__).resolve().parents[2]
+    offenders = []
+    for package in CONTRACT_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if rel not in NAMING_ALLOWED:
+                offenders += [f"{rel}{line.split(str(path))[1]}" for line in _family_name_uses(path, set(FAMILIES))]
+    assert not offenders, "dispatch on the family's declaration (serve/families.py, trainer/models/base.py), " \
+                          "not its name:\n" + "\n".join(offenders)
+
+
+def test_the_name_check_catches_a_comparison(tmp_path):
+    """The check above is not vacuous: it finds each form it looks for."""
+    probe = tmp_path / "probe.py"
+    probe.write_text('def f(m, k):\n    if m.family == "diffusion":\n        pass\n    x = {"gan": 0.9}\n'
+                     '    match k:\n        case "vae":\n            pass\n    return m.family in ("cyclegan",)\n')
+    found = _family_name_uses(probe, {"diffusion", "gan", "vae", "cyclegan"})
+    assert len(found) == 4, found
+
+
+def test_every_registered_family_has_a_trainer():
+    from serve.families import FAMILIES
+    from trainer.models import get_family
+
+    for name, spec in FAMILIES.items():
+        family = get_family(name)
+        assert family.name == name and family.spec() is spec
+        assert family.export_graphs is not Family.export_graphs, f"{name}: no export_graphs()"
+        assert family.train_step is not Family.train_step, f"{name}: no train_step()"
+
+
+def test_a_family_missing_its_trainer_is_refused(monkeypatch):
+    import trainer.models as models
+    from serve.families import DENOISE, FAMILIES, FamilySpec
+
+    ghost = FamilySpec(name="ghost", task=DENOISE, data_kind="images", graphs=frozenset({"denoiser"}),
+                       denoiser="denoiser")
+    monkeypatch.setitem(FAMILIES, "ghost", ghost)
+    with pytest.raises(RuntimeError, match="ghost"):
+        models._registry()
+
+
+def test_the_contract_suite_covers_every_family():
+    from serve.families import FAMILIES
+    from tests.conftest import TINY
+
+    assert set(TINY) == set(FAMILIES), "add a tiny config for the new family to tests/conftest.py's TINY"

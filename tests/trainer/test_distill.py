@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tests.conftest import STUDENT, tiny_config
+from trainer.denoising import UNet
 from trainer.distill import TeacherError, check_same_outputs, load_teacher, student_grid, trajectories, unet_from_onnx
 from trainer.loop import fit
 from trainer.models import ConfigError
-from trainer.models.diffusion import UNet
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ import pytest
 from serve.families import FAMILIES as SPECS
 from serve.manifest import parse_manifest, read_manifest, scan_repository
 from tests.conftest import FAMILIES, TINY_MODELS, tiny_graph_count
-from trainer.export import DDIM_TOLERANCE, FP32_TOLERANCE, ExportError, export_model
+from trainer.denoising import SERVED_LOOP_TOLERANCE
+from trainer.export import FP32_TOLERANCE, ExportError, export_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,7 +46,7 @@ def test_manifest_and_parity(repo, family):
     assert prov["steps"] == 2 and prov["seed"] == 0 and prov["dataset"] and prov["exported_at"]
     assert m.image["channels"] in (1, 3) and m.image["height"] == 32
     if family == "diffusion":
-        assert m.parity["ddim_50_steps"]["max_abs"] <= DDIM_TOLERANCE
+        assert m.parity["ddim_50_steps"]["max_abs"] <= SERVED_LOOP_TOLERANCE
         assert m.diffusion["null_label"] == m.num_classes == 10
     assert not [p for p in vdir.iterdir() if p.name.startswith(".")], "no temporary files left"
 

@@ -1,9 +1,10 @@
 """The contract every model family implements.
 
 A family owns its networks, optimisers and training step; the training loop (trainer/loop.py)
-owns everything else: data order, progress, checkpoints, resume, DDP. Export (trainer/export.py)
-needs `export_graphs()` and `manifest_sections()`; what serving does with the graphs is the family's line in
-serve/families.py (its task, graphs and data kind), which `spec` returns.
+owns everything else: data order, progress, checkpoints, resume, DDP. Export (trainer/export.py) needs
+`export_graphs()`, `export_checks()` and `manifest_sections()`; what serving does with the graphs is the family's
+line in serve/families.py (its task, graphs, data kind, latent), which `spec` returns. How `gen eval` scores the
+family and whether `gen distill` can make a student of it are class attributes here.
 """
 from __future__ import annotations
 
@@ -66,6 +67,11 @@ class Family:
 
     name: ClassVar[str]
     Config: ClassVar[type[FamilyConfig]]
+    # how `gen eval` scores the family's models (trainer/evaluate.py); None: reported, no bar
+    class_accuracy_bar: ClassVar[float | None] = None  # share of conditional samples classified as their label
+    frechet_bar: ClassVar[float | None] = None  # Frechet distance of samples, times the real-vs-real baseline
+    eval_sampling: ClassVar[tuple[str, int] | None] = None  # a denoiser's (sampler, steps) when eval names none
+    student_family: ClassVar[str | None] = None  # the family `gen distill` trains a few-step student in, if any
 
     @classmethod
     def spec(cls) -> FamilySpec:
@@ -114,6 +120,11 @@ class Family:
     def export_graphs(self) -> dict[str, ExportGraph]:
         """The ONNX graphs this family exports, by graph name (the spec's `graphs`)."""
         raise NotImplementedError
+
+    def export_checks(self, version_dir, manifest: dict) -> dict:
+        """Checks of the exported version as a whole, beyond each graph's parity (a denoising model: the server's
+        loop against PyTorch): {name: {"max_abs", "tolerance"[, "what"]}}; export refuses any over tolerance."""
+        return {}
 
     def manifest_sections(self) -> dict:
         """Family-specific manifest sections serving reads (diffusion: its schedule); none by default."""

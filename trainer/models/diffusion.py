@@ -1,4 +1,4 @@
-"""Denoising diffusion (DDPM) with a small U-Net, classifier-free guidance and a per-sample step module.
+"""Denoising diffusion (DDPM) with a small U-Net (trainer/denoising.py) and classifier-free guidance.
 
 Training is the DDPM objective of Ho et al. (2020): draw t ~ U[0, T), noise x0 to
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps and regress the U-Net output on eps ("eps") or on
@@ -7,8 +7,8 @@ class with probability `p_uncond` so one network is both conditional and uncondi
 classifier-free guidance). An EMA of the U-Net weights is what samples and what is exported.
 
 Sampling is serving code: the samplers live in serve/samplers/ (one file each) and the export is the `denoiser`
-alone. The training-time sample grids run the same samplers' plans here in PyTorch (`run_sampler`), so the grids
-and the server agree (export checks it: the served loop against this one).
+alone. The training-time sample grids run the same samplers' plans in PyTorch (trainer/denoising.py's
+`run_sampler`), so the grids and the server agree (export checks it: the served loop against that one).
 
 Timesteps ("trailing" spacing, as diffusers' timestep_spacing="trailing"): for `steps` sampling steps
 of a model trained with T timesteps, step i = 0..steps-1 runs at
@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,13 +32,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from serve.diffusion import timestep_pairs  # one copy of the rule, shared with the server (no torch there)
+from serve.manifest import DENOISING
 from serve.samplers import SAMPLERS, NoiseSchedule
-from serve.samplers.schedule import SCHEDULES, alpha_bar
+from serve.samplers.schedule import (
+    DISCRETE_SCHEDULES,
+    alpha_bar,
+    timestep_pairs,  # noqa: F401 - one copy of the rule, shared with the server
+)
+from trainer.denoising import (
+    UNet,
+    check_config,
+    drop_labels,
+    optimise,
+    sample_grid,
+    served_loop_check,
+    update_ema,
+)
 from trainer.models.base import ConfigError, DataInfo, ExportGraph, Family, FamilyConfig, TensorSpec
 
-GUIDANCE_SCALE = 100.0  # guidance scales 1..3 become embedding positions 100..300 (timesteps span 0..999)
-NORM_GROUPS = 8  # GroupNorm groups: width 32 gives 4 channels per group, DDPM's ratio (128 ch / 32 groups)
 PREDICTIONS = ("eps", "v")
 
 
@@ -81,194 +91,6 @@ def alpha_bar_schedule(schedule: str, num_train_timesteps: int) -> torch.Tensor:
     return torch.from_numpy(alpha_bar(schedule, num_train_timesteps))
 
 
-# --- the U-Net -----------------------------------------------------------------------------------
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(NORM_GROUPS, channels), channels)
-
-
-class TimeEmbedding(nn.Module):
-    """Sinusoidal embedding of the integer timestep (Transformer style), then a 2-layer MLP."""
-
-    def __init__(self, width: int, dim: int):
-        super().__init__()
-        half = width // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-        self.register_buffer("freqs", freqs, persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(2 * half, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        args = t.to(torch.float32)[:, None] * self.freqs[None]
-        return self.mlp(torch.cat([torch.sin(args), torch.cos(args)], dim=1))
-
-
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, with the (time + class) embedding added in between."""
-
-    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float):
-        super().__init__()
-        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, cout)
-        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.dropout = nn.Dropout(dropout)
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
-        nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
-
-
-class Attention(nn.Module):
-    """Single-head self-attention over the pixels, residual (as in DDPM)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.out = nn.Conv2d(channels, channels, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(3, 4)  # 1 head: 4D for ONNX export
-        h = F.scaled_dot_product_attention(*qkv.unbind(1))  # [B, 1, HW, C]
-        return x + self.out(h.transpose(2, 3).reshape(B, C, H, W))
-
-
-class UNet(nn.Module):
-    """DDPM-style U-Net: output has the input's shape (eps or v).
-
-    `num_classes` K > 0 adds a class embedding with K + 1 rows; row K is the null class
-    (the last index, so real classes keep their dataset indices).
-    """
-
-    def __init__(self, channels: int, image_size: int, width: int = 32, channel_mult: Sequence[int] = (1, 2, 2),
-                 num_res_blocks: int = 1, attn_resolution: int = 8, dropout: float = 0.0, num_classes: int = 0,
-                 guidance_input: bool = False):
-        super().__init__()
-        emb_dim = 4 * width
-        self.num_classes = num_classes
-        self.time_emb = TimeEmbedding(width, emb_dim)
-        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
-        # a distilled student takes the guidance scale as an input (Meng et al. 2023), embedded like t; the last
-        # layer starts at zero, so a student starts as its teacher's conditional model
-        self.guidance_emb = TimeEmbedding(width, emb_dim) if guidance_input else None
-        if self.guidance_emb is not None:
-            nn.init.zeros_(self.guidance_emb.mlp[-1].weight)
-            nn.init.zeros_(self.guidance_emb.mlp[-1].bias)
-        self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
-
-        def block(cin: int, cout: int, res: int) -> nn.ModuleList:
-            layers = [ResBlock(cin, cout, emb_dim, dropout)]
-            if res <= attn_resolution:
-                layers.append(Attention(cout))
-            return nn.ModuleList(layers)
-
-        self.down = nn.ModuleList()
-        skips, ch, res = [width], width, image_size
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                self.down.append(block(ch, width * mult, res))
-                ch = width * mult
-                skips.append(ch)
-            if level < len(channel_mult) - 1:
-                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
-                skips.append(ch)
-                res //= 2
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout),
-                                  Attention(ch) if res <= attn_resolution else nn.Identity(),
-                                  ResBlock(ch, ch, emb_dim, dropout)])
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for _ in range(num_res_blocks + 1):
-                self.up.append(block(ch + skips.pop(), width * mult, res))
-                ch = width * mult
-            if level > 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
-                                              nn.Conv2d(ch, ch, 3, padding=1)]))
-                res *= 2
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.time_emb(t)
-        if self.class_emb is not None:
-            emb = emb + self.class_emb(label)
-        if self.guidance_emb is not None:
-            emb = emb + self.guidance_emb(GUIDANCE_SCALE * guidance)
-        h = self.conv_in(x)
-        hs = [h]
-        for layers in self.down:
-            h = self._run(layers, h, emb)
-            hs.append(h)
-        h = self._run(self.mid, h, emb)
-        for layers in self.up:
-            if isinstance(layers[0], ResBlock):
-                h = torch.cat([h, hs.pop()], dim=1)
-            h = self._run(layers, h, emb)
-        return self.out(h)
-
-    @staticmethod
-    def _run(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        for layer in layers:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-        return h
-
-
-# --- sampling: the server's sampler plans, applied in PyTorch ------------------------------------
-
-def guided_output(unet: UNet, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor,
-                  guidance: float) -> torch.Tensor:
-    """The U-Net output with classifier-free guidance: one doubled batch (label, then the null class K); a
-    student takes the scale as an input instead."""
-    if not unet.num_classes:
-        return unet(x, t)
-    if unet.guidance_emb is not None:
-        return unet(x, t, label, torch.full((x.shape[0],), guidance, dtype=torch.float32, device=x.device))
-    null = torch.full_like(label, unet.num_classes)
-    out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null]))
-    cond, uncond = out[: x.shape[0]], out[x.shape[0]:]
-    return uncond + guidance * (cond - uncond)
-
-
-def run_sampler(unet: UNet, schedule: NoiseSchedule, x_T: torch.Tensor, labels: torch.Tensor, sampler: str,
-                steps: int, guidance: float, eta: float, generator: torch.Generator | None,
-                noises: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-    """`sampler` (a serve.samplers name) from x_T over `timestep_pairs(steps, T)`; returns the final sample.
-
-    The same plan the server runs: x0 from the model output (clipped where the sampler says), then the plan's
-    linear update of the sampler state. Samplers that use noise draw one tensor of x_T's shape per step from
-    `generator`, or take step i's from `noises[i]`.
-    """
-    s = SAMPLERS[sampler]
-    pairs = timestep_pairs(steps, schedule.T)
-    plan = torch.from_numpy(s.plan(schedule, pairs, eta)).to(x_T.device, torch.float32)
-    state = [x_T] + [torch.zeros_like(x_T) for _ in s.state[1:]]
-    for i, (t, _) in enumerate(pairs):
-        tt = torch.full((x_T.shape[0],), t, dtype=torch.int64, device=x_T.device)
-        out = guided_output(unet, state[0], tt, labels, guidance)
-        cx, co = schedule.to_x0(t)
-        x0 = cx * state[0] + co * out
-        if s.clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
-        if not s.uses_noise(eta):
-            noise = torch.zeros_like(x_T)
-        elif noises is not None:
-            noise = noises[i]
-        else:
-            noise = torch.randn(x_T.shape, generator=generator, device=x_T.device, dtype=x_T.dtype)
-        terms = [*state, x0, noise]
-        state = [sum(plan[i, j, k] * terms[k] for k in range(len(terms))) for j in range(len(s.state))]
-    return state[0]
-
-
 class _Denoiser(nn.Module):
     """The raw U-Net output (eps or v) for export; `label` only when the model is conditional."""
 
@@ -286,37 +108,19 @@ class _Denoiser(nn.Module):
 class Diffusion(Family):
     name = "diffusion"
     Config = DiffusionConfig
+    class_accuracy_bar, frechet_bar = 0.95, 3.0
+    eval_sampling = ("ddim", 50)  # README's quality table and docs/quality.json are measured there
+    student_family = "diffusion"  # trainer/distill.py: a copy of the teacher's U-Net, guidance as an input
 
     @classmethod
     def check(cls, config: DiffusionConfig, info: DataInfo) -> None:
-        if info.size not in (32, 64, 128, 256):
-            raise ConfigError(f"--image-size {info.size} is not supported by diffusion: "
-                              "use a power of two from 32 to 256")
-        if info.channels not in (1, 3):
-            raise ConfigError(f"--channels {info.channels} is not supported: use 1 or 3")
-        if config.width < NORM_GROUPS or config.width % NORM_GROUPS:
-            raise ConfigError(f"--set width={config.width} is not supported by diffusion: "
-                              f"use a multiple of {NORM_GROUPS} (GroupNorm groups)")
-        mult = tuple(config.channel_mult)
-        if not mult or min(mult) < 1 or info.size % 2 ** (len(mult) - 1) or info.size >> (len(mult) - 1) < 4:
-            raise ConfigError(f"--set channel_mult={','.join(map(str, mult))} does not fit {info.size}x{info.size} "
-                              "images: one positive entry per level, lowest resolution at least 4")
-        if config.num_res_blocks < 1:
-            raise ConfigError(f"--set num_res_blocks={config.num_res_blocks}: use 1 or more")
         if config.prediction not in PREDICTIONS:
             raise ConfigError(f"--set prediction={config.prediction}: use one of {', '.join(PREDICTIONS)}")
-        if config.schedule not in SCHEDULES:
-            raise ConfigError(f"--set schedule={config.schedule}: use one of {', '.join(SCHEDULES)}")
+        if config.schedule not in DISCRETE_SCHEDULES:
+            raise ConfigError(f"--set schedule={config.schedule}: use one of {', '.join(DISCRETE_SCHEDULES)}")
         if config.num_train_timesteps < 2:
             raise ConfigError(f"--set num_train_timesteps={config.num_train_timesteps}: use 2 or more")
-        if not 1 <= config.sample_steps <= config.num_train_timesteps:
-            raise ConfigError(f"--set sample_steps={config.sample_steps}: use 1 to {config.num_train_timesteps}")
-        if not 0.0 <= config.p_uncond < 1.0:
-            raise ConfigError(f"--set p_uncond={config.p_uncond}: use a probability in [0, 1)")
-        if not 0.0 <= config.ema_decay < 1.0:
-            raise ConfigError(f"--set ema_decay={config.ema_decay}: use a value in [0, 1)")
-        if config.conditional and not info.class_names:
-            raise ConfigError("--set conditional=true needs labelled data: these images have no classes")
+        check_config(config, info, cls.name)
         if config.distill_from:
             cls._check_student(config, info)
 
@@ -398,21 +202,12 @@ class Diffusion(Family):
         a, s = self._sqrt_ab[t][:, None, None, None], self._sqrt_1m_ab[t][:, None, None, None]
         x_t = a * x + s * noise
         target = noise if self.config.prediction == "eps" else a * noise - s * x
-        label = None
-        if self.num_classes:
-            drop = torch.rand(B, device=self.device) < self.config.p_uncond
-            label = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        label = drop_labels(y, self.num_classes, self.config.p_uncond)
         loss = F.mse_loss(self.train_nets["unet"](x_t, t, label), target)
         return self._optimise(loss)
 
     def _optimise(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        opt = self.optimizers["unet"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.nets["unet"].parameters(), self.config.grad_clip)
-        opt.step()
-        return {"loss": loss.detach()}
+        return optimise(self.optimizers["unet"], self.nets["unet"], loss, self.config.grad_clip)
 
     # --- distillation (trainer/distill.py has the method) ----------------------------------------
 
@@ -480,13 +275,9 @@ class Diffusion(Family):
         super().on_step_end(step)
         self.update_ema()
 
-    @torch.no_grad()
     def update_ema(self) -> None:
-        n = self.ema_updates
-        decay = min(self.config.ema_decay, (1 + n) / (10 + n))  # warm-up: early weights are forgotten fast
-        for e, p in zip(self.ema.parameters(), self.nets["unet"].parameters()):
-            e.lerp_(p.detach(), 1.0 - decay)
-        self.ema_updates = n + 1
+        update_ema(self.ema, self.nets["unet"], self.ema_updates, self.config.ema_decay)
+        self.ema_updates += 1
 
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule(self.alpha_bar.numpy(), self.config.prediction)
@@ -496,18 +287,12 @@ class Diffusion(Family):
         n = batch[0].shape[0]
         modes = {k: net.training for k, net in self.nets.items()}
         self.train(False)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        K = self.num_classes
-        labels = torch.arange(n, device=self.device) % K if K else torch.zeros(n, dtype=torch.int64,
-                                                                               device=self.device)
-        x_T = torch.randn((n, self.info.channels, self.info.size, self.info.size), generator=gen,
-                          device=self.device)
         sampler, steps = self.served_sampling() if self.student else ("ddim", self.config.sample_steps)
-        images = run_sampler(self.ema, self.noise_schedule(), x_T, labels, sampler, steps,
-                             self.config.guidance if K else 1.0, 0.0, gen)
+        images = sample_grid(self.ema, self.noise_schedule(), n, self.info, sampler, steps, self.config.guidance,
+                             seed, self.device)
         for k, net in self.nets.items():
             net.train(modes[k])
-        return images.clamp(-1, 1)
+        return images
 
     def export_graphs(self) -> dict[str, ExportGraph]:
         """The denoiser alone: samplers are serving code (serve/samplers/), assembled around it at load time."""
@@ -519,6 +304,10 @@ class Diffusion(Family):
         if self.ema.guidance_emb is not None:
             inputs["guidance"] = TensorSpec("float32", (-1,), *self.config.guidance_range)
         return {"denoiser": ExportGraph(_Denoiser(self.ema).eval(), inputs, {"output": TensorSpec("float32", image)})}
+
+    def export_checks(self, version_dir: Path, manifest: dict) -> dict:
+        """The served loop over the exported denoiser against PyTorch, at `served_sampling()`."""
+        return served_loop_check(self.ema, self.num_classes, version_dir, manifest, *self.served_sampling())
 
     def student_samplers(self) -> dict[int, str]:
         """A student's sampler for each of its step counts."""
@@ -552,7 +341,7 @@ class Diffusion(Family):
                                   "default_steps": max(cfg.student_steps),
                                   "guidance": "input" if self.num_classes else "none",
                                   "guidance_range": list(cfg.guidance_range), "teacher": teacher}
-        return {"diffusion": section}
+        return {DENOISING: section}
 
     def extra_state(self) -> dict:
         state = {"ema": self.ema.state_dict(), "ema_updates": self.ema_updates}

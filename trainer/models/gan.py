@@ -167,6 +167,7 @@ class GeneratorGraph(nn.Module):
 
 class GAN(Family):
     name = "gan"
+    class_accuracy_bar = 0.90
     Config = GANConfig
 
     def __init__(self, config: GANConfig, info: DataInfo, device: torch.device):

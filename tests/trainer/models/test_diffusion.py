@@ -10,16 +10,9 @@ import pytest
 import torch
 
 from serve.samplers import NoiseSchedule
+from trainer.denoising import UNet, guided_output, run_sampler
 from trainer.models.base import ConfigError, DataInfo
-from trainer.models.diffusion import (
-    Diffusion,
-    DiffusionConfig,
-    UNet,
-    alpha_bar_schedule,
-    guided_output,
-    run_sampler,
-    timestep_pairs,
-)
+from trainer.models.diffusion import Diffusion, DiffusionConfig, alpha_bar_schedule, timestep_pairs
 
 CPU = torch.device("cpu")
 K = 3  # classes in the conditional fixture
