@@ -41,6 +41,7 @@ FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (
                directions={"AtoB": "generator_ab", "BtoA": "generator_ba"}),
     FamilySpec(name="diffusion", task=DENOISE, data_kind="images", graphs=frozenset({"denoiser"}),
                legacy_graphs=frozenset({"step"}), denoiser="denoiser"),  # "step": the pre-registry sampler graph
+    FamilySpec(name="flow", task=DENOISE, data_kind="images", graphs=frozenset({"denoiser"}), denoiser="denoiser"),
 )}
 
 

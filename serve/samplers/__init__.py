@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from serve.samplers.ab2 import AdamsBashforth2  # noqa: F401
 from serve.samplers.base import Pairs, Sampler
 from serve.samplers.consistency import Consistency  # noqa: F401 - the registry: one import per sampler
 from serve.samplers.ddim import DDIM  # noqa: F401
 from serve.samplers.ddpm import DDPM  # noqa: F401
 from serve.samplers.dpm_solver import DPMSolver  # noqa: F401
+from serve.samplers.euler import Euler  # noqa: F401
 from serve.samplers.euler_a import EulerAncestral  # noqa: F401
 from serve.samplers.schedule import NoiseSchedule
 from serve.samplers.unipc import UniPC  # noqa: F401
