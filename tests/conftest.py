@@ -16,6 +16,8 @@ TINY: dict[str, dict] = {
     "cyclegan": {"data": "stripes", "batch_size": 2, "family_options": {"width": 8, "n_blocks": 1}},
     "diffusion": {"data": "digits", "batch_size": 8,
                   "family_options": {"width": 8, "channel_mult": [1, 2], "sample_steps": 2}},
+    "flow": {"data": "digits", "batch_size": 8,
+             "family_options": {"width": 8, "channel_mult": [1, 2], "sample_steps": 2}},
 }
 FAMILIES = list(TINY)
 # a tiny student of the tiny diffusion model (exported as tiny-diffusion/1 in tiny_repo): 8 trajectories of 4 steps

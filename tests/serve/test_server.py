@@ -173,7 +173,7 @@ def test_sample_errors_name_the_field(stub, request_, field):
 
 
 @pytest.mark.parametrize("request_,field", [
-    (pb.GenerateRequest(model="tiny-diffusion", n=1, steps=5, sampler="euler"), "sampler"),
+    (pb.GenerateRequest(model="tiny-diffusion", n=1, steps=5, sampler="heun"), "sampler"),
     (pb.GenerateRequest(model="tiny-diffusion", n=1, steps=1001), "steps"),
     (pb.GenerateRequest(model="tiny-diffusion", n=1, steps=-3), "steps"),
     (pb.GenerateRequest(model="tiny-diffusion", n=1, steps=5, eta=2.0), "eta"),

@@ -1,5 +1,7 @@
 """Every registered sampler against the diffusers scheduler of the same name, configured to match, driving the
 shipped mnist-diffusion denoiser: the served images equal diffusers' loop within 1e-4 at 10 and 50 steps.
+Euler is DDIM at eta 0 without clipping here; Adams-Bashforth 2, which diffusers lacks, is held to a float64 loop
+written from its formula (tests/serve/samplers/test_flow.py has both on a flow model).
 
 The consistency sampler is LCMScheduler's multistep loop (tests/serve/samplers/test_consistency.py has the paper's).
 
@@ -49,6 +51,10 @@ def make_scheduler(name: str):
                                          sample_max_value=1.0, disable_corrector=[])
     if name == "euler_a":
         return s.EulerAncestralDiscreteScheduler(**COMMON)
+    if name == "euler":  # the flow ODE's Euler step is DDIM at eta 0 on this schedule (no clipping, as for flows)
+        return s.DDIMScheduler(**COMMON, clip_sample=False, set_alpha_to_one=True)
+    if name == "ab2":  # no diffusers counterpart (its LMS works in sigma): a float64 loop from the formula instead
+        return None
     if name == "consistency":  # LCM's multistep sampling; a huge timestep_scaling makes its boundary terms vanish
         return s.LCMScheduler(**COMMON, clip_sample=True, clip_sample_range=1.0, timestep_scaling=1e6)
     raise AssertionError(f"no diffusers counterpart configured for {name!r}: add one here")
@@ -100,6 +106,39 @@ def diffusers_loop(session, name: str, steps: int, seed: int, eta: float, monkey
     return np.clip(sample.numpy(), -1, 1)
 
 
+def paper_ab2(session, steps: int, seed: int) -> np.ndarray:
+    """Adams-Bashforth 2 on the flow ODE of this schedule rescaled to a straight path (y = x / (alpha + sigma),
+    tau = sigma / (alpha + sigma)), in float64; the first step is Euler."""
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    ts = [round(1000 * (steps - i) / steps) - 1 for i in range(steps)]
+    alpha = lambda t: 1.0 if t < 0 else np.sqrt(abar[t])  # noqa: E731
+    sigma = lambda t: 0.0 if t < 0 else np.sqrt(1 - abar[t])  # noqa: E731
+    tau = lambda t: sigma(t) / (alpha(t) + sigma(t))  # noqa: E731
+    rngs = [np.random.default_rng(np.random.SeedSequence([seed, i])) for i in range(len(LABELS))]
+    x = np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs]).astype(np.float64)
+    labels = np.array(LABELS, np.int64)
+    d_prev = None
+    for i, t in enumerate(ts):
+        tp = ts[i + 1] if i + 1 < steps else -1
+        tt = np.full(len(labels), t, np.int64)
+        xf = x.astype(np.float32)
+        out = session.run(None, {"x_t": np.concatenate([xf, xf]), "t": np.concatenate([tt, tt]),
+                                 "label": np.concatenate([labels, np.full_like(labels, 10)])})[0].astype(np.float64)
+        eps = out[len(x):] + GUIDANCE * (out[:len(x)] - out[len(x):])
+        x0 = (x - sigma(t) * eps) / alpha(t)
+        y = x / (alpha(t) + sigma(t))
+        d = (y - x0) / tau(t)
+        h = tau(tp) - tau(t)
+        if d_prev is None:
+            y = y + h * d
+        else:
+            h_p = tau(t) - tau(ts[i - 1])
+            y = y + h * ((1 + h / (2 * h_p)) * d - (h / (2 * h_p)) * d_prev)
+        d_prev = d
+        x = y * (alpha(tp) + sigma(tp))
+    return np.clip(x, -1, 1)
+
+
 def paper_euler_ancestral(session, steps: int, seed: int) -> np.ndarray:
     """Karras et al. (2022) Euler step plus ancestral noise on S = x / alpha, in float64 (k-diffusion's loop)."""
     abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
@@ -131,7 +170,10 @@ CASES = [(name, steps, eta) for name in sorted(SAMPLERS) for steps in (10, 50)
 @pytest.mark.parametrize("name,steps,eta", CASES)
 def test_sampler_matches_diffusers(name, steps, eta, denoiser, runtime, monkeypatch):
     seed = 11
-    expected = diffusers_loop(denoiser, name, steps, seed, eta, monkeypatch)
+    if name == "ab2":
+        expected = paper_ab2(denoiser, steps, seed)
+    else:
+        expected = diffusers_loop(denoiser, name, steps, seed, eta, monkeypatch)
     events = list(runtime.sync.generate(MODEL, len(LABELS), seed=seed, labels=LABELS, guidance=GUIDANCE,
                                         sampler=name, steps=steps, eta=eta))
     got = events[-1].result.images
