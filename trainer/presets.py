@@ -34,6 +34,9 @@ PRESETS: dict[str, dict] = {
     # 1.25 the 8,000-step model has 98.8% class accuracy and 1.6x the baseline (README, "Default models")
     "diffusion": {"family": "diffusion", "data": "mnist", "steps": 8000, "batch_size": 64, "lr": 1e-3,
                   "family_options": {"guidance": 1.25}},
+    # rectified flow on the same U-Net as diffusion (trainer/models/flow.py)
+    "flow": {"family": "flow", "data": "mnist", "steps": 6000, "batch_size": 64, "lr": 1e-3,
+             "family_options": {"guidance": 1.5}},
     # a few-step student of the shipped mnist-diffusion (trainer/distill.py; `gen distill` fills these in for any
     # teacher): README, "Few-step students", has how the numbers were chosen
     "diffusion-student": {"family": "diffusion", "data": "mnist", "steps": 4000, "batch_size": 64, "lr": 2e-4,
