@@ -108,7 +108,7 @@ class GeneratorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Samples a diffusion model (task "denoise"), streaming progress events while the sampler runs and
+        """Samples a diffusion or flow model (task "denoise"), streaming progress events while the sampler runs and
         ending with exactly one event holding the result. Cancelling the call stops the sampling.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
