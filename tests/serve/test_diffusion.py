@@ -24,19 +24,42 @@ def repo(tiny_repo):
     return tiny_repo / "exported"
 
 
+# the denoising families' tiny models: DDPM (integer timesteps, eps) and rectified flow (continuous t, velocity)
+DENOISING = ["tiny-diffusion", "tiny-flow"]
+
+
+class Denoiser:
+    """A tiny model's exported denoiser and its schedule, read from its manifest as the server reads them."""
+
+    def __init__(self, version_dir):
+        import json
+
+        self.session = ort.InferenceSession(str(version_dir / "denoiser.onnx"), providers=["CPUExecutionProvider"])
+        d = json.loads((version_dir / "manifest.json").read_text())["diffusion"]
+        self.schedule = NoiseSchedule.of(d["schedule"], d["num_train_timesteps"], d["prediction"])
+
+    def run(self, feeds):
+        return self.session.run(None, feeds)
+
+
 @pytest.fixture(scope="module")
 def denoiser(repo):
-    return ort.InferenceSession(str(repo / "tiny-diffusion" / "1" / "denoiser.onnx"),
-                                providers=["CPUExecutionProvider"])
+    return Denoiser(repo / "tiny-diffusion" / "1")
+
+
+@pytest.fixture(scope="module", params=DENOISING)
+def denoising(request, repo):
+    """(model name, its Denoiser) for each denoising family."""
+    return request.param, Denoiser(repo / request.param / "1")
 
 
 def reference(session, seed: int, n: int, steps: int, sampler: str = DEFAULT_SAMPLER, guidance: float = 3.0,
               eta: float = 0.0, labels=None) -> np.ndarray:
-    """The straightforward loop in numpy: one request alone, the documented draws, the trailing timesteps,
+    """The straightforward loop in numpy: one request alone, the documented draws, the schedule's grid,
     classifier-free guidance as two denoiser calls, the sampler's plan applied row by row."""
     s = SAMPLERS[sampler]
-    schedule = NoiseSchedule.of("linear", T, "eps")
-    pairs = timestep_pairs(steps, T)
+    schedule = session.schedule
+    pairs = schedule.pairs(steps)
     plan = s.plan(schedule, pairs, eta).astype(np.float32)
     rngs = [np.random.default_rng(np.random.SeedSequence([seed, i])) for i in range(n)]
     state = [np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs])]
@@ -44,9 +67,9 @@ def reference(session, seed: int, n: int, steps: int, sampler: str = DEFAULT_SAM
     labels = np.arange(n, dtype=np.int64) % 10 if labels is None else np.asarray(labels, np.int64)
     for k, (t, _) in enumerate(pairs):
         x = state[0]
-        tt = np.full(n, t, np.int64)
-        cond = session.run(None, {"x_t": x, "t": tt, "label": labels})[0]
-        uncond = session.run(None, {"x_t": x, "t": tt, "label": np.full(n, 10, np.int64)})[0]
+        tt = schedule.model_time([t] * n)
+        cond = session.run({"x_t": x, "t": tt, "label": labels})[0]
+        uncond = session.run({"x_t": x, "t": tt, "label": np.full(n, 10, np.int64)})[0]
         out = uncond + guidance * (cond - uncond)
         cx, co = schedule.to_x0(t)
         x0 = cx * x + co * out
@@ -78,9 +101,10 @@ def test_timestep_pairs_match_the_trainer():
     assert timestep_pairs(4, 10)[1][0] == 7 and timestep_pairs(4, 10)[3][0] == 1  # 7.5 -> 8 - 1; 2.5 -> 2 - 1
 
 
-def test_generate_streams_progress_then_the_result(repo, denoiser):
+def test_generate_streams_progress_then_the_result(repo, denoising):
+    model, denoiser = denoising
     with Runtime(repo, device="cpu") as rt:
-        progress, final = asyncio.run(collect(rt.generate("tiny-diffusion", 3, seed=4, steps=6, preview_every=2)))
+        progress, final = asyncio.run(collect(rt.generate(model, 3, seed=4, steps=6, preview_every=2)))
     assert [p.step for p in progress] == [1, 2, 3, 4, 5, 6] and {p.total for p in progress} == {6}
     previews = [p.step for p in progress if p.preview is not None]
     assert previews == [2, 4, 6]
@@ -88,7 +112,7 @@ def test_generate_streams_progress_then_the_result(repo, denoiser):
     assert preview.shape == (3, *SHAPE) and preview.min() >= -1 and preview.max() <= 1
     r = final.result
     assert r.images.shape == (3, *SHAPE) and r.labels.tolist() == [0, 1, 2] and r.seed == 4
-    assert (r.model, r.version) == ("tiny-diffusion", 1)
+    assert (r.model, r.version) == (model, 1)
     assert np.abs(r.images - reference(denoiser, 4, 3, 6)).max() <= 1e-4
 
 
@@ -108,15 +132,16 @@ REQUESTS = [  # 16 requests: every sampler, step counts 4..50, guidance 0..3 and
 ]
 
 
-def test_mixed_requests_share_step_runs_and_match_their_solo_results(repo, denoiser):
+def test_mixed_requests_share_step_runs_and_match_their_solo_results(repo, denoising):
+    model, denoiser = denoising
     with Runtime(repo, device="cpu") as rt:
         async def together():
-            return await asyncio.gather(*(collect(rt.generate("tiny-diffusion", **r)) for r in REQUESTS))
+            return await asyncio.gather(*(collect(rt.generate(model, **r)) for r in REQUESTS))
 
         t0 = time.perf_counter()
         results = asyncio.run(together())
         busy_s = time.perf_counter() - t0
-        scheduler = rt.scheduler(rt.repository.resolve("tiny-diffusion"))
+        scheduler = rt.scheduler(rt.repository.resolve(model))
         runs = scheduler.executions
         total_steps = sum(r["steps"] for r in REQUESTS)
         assert runs < total_steps, f"{runs} denoiser runs for {total_steps} request-steps"
@@ -124,12 +149,12 @@ def test_mixed_requests_share_step_runs_and_match_their_solo_results(repo, denoi
         assert max(scheduler.statistics().batch_sizes) > 8
         for (progress, final), r in zip(results, REQUESTS):
             assert [p.step for p in progress] == list(range(1, r["steps"] + 1))
-            alone = list(rt.sync.generate("tiny-diffusion", **r))[-1].result.images
+            alone = list(rt.sync.generate(model, **r))[-1].result.images
             assert np.abs(final.result.images - alone).max() <= 1e-4, r
             expected = reference(denoiser, r["seed"], r["n"], r["steps"], r["sampler"], r["guidance"],
                                  r["eta"], r["labels"] * r["n"])
             assert np.abs(final.result.images - expected).max() <= 1e-4, r
-    print(f"16 mixed requests: {runs} step runs for {total_steps} steps, {busy_s:.2f} s")
+    print(f"{model}, 16 mixed requests: {runs} step runs for {total_steps} steps, {busy_s:.2f} s")
 
 
 def test_requests_larger_than_the_batch(repo, denoiser):
@@ -150,13 +175,14 @@ def _drained(sched, timeout: float = 10.0) -> bool:
     return True
 
 
-def test_a_closed_stream_leaves_within_one_step(repo, denoiser):
+def test_a_closed_stream_leaves_within_one_step(repo, denoising):
+    model, denoiser = denoising
     with Runtime(repo, device="cpu") as rt:
-        sched = rt.scheduler(rt.repository.resolve("tiny-diffusion"))
+        sched = rt.scheduler(rt.repository.resolve(model))
 
         async def main():
-            other = asyncio.ensure_future(collect(rt.generate("tiny-diffusion", 1, seed=3, steps=12)))
-            agen = rt.generate("tiny-diffusion", 2, seed=1, steps=1000)
+            other = asyncio.ensure_future(collect(rt.generate(model, 1, seed=3, steps=12)))
+            agen = rt.generate(model, 2, seed=1, steps=1000)
             for _ in range(3):
                 await agen.__anext__()
             await agen.aclose()

@@ -85,16 +85,18 @@ def test_raw_tensor_format(stub):
     assert x.min() >= -1 and x.max() <= 1
 
 
-def test_generate_streams_progress_then_images(client):
-    events = list(client.generate("tiny-diffusion", n=2, seed=3, steps=5, sampler="ddim", labels=[1, 2],
-                                  preview_every=2))
+@pytest.mark.parametrize("model,sampler", [("tiny-diffusion", "ddim"), ("tiny-flow", "euler"), ("tiny-flow", "ab2")])
+def test_generate_streams_progress_then_images(client, model, sampler):
+    events = list(client.generate(model, n=2, seed=3, steps=5, sampler=sampler, labels=[1, 2], preview_every=2))
     progress = [e for e in events if isinstance(e, ProgressEvent)]
     assert [p.step for p in progress] == [1, 2, 3, 4, 5] and all(p.total == 5 for p in progress)
     assert progress[1].preview is not None and progress[0].preview is None
     final = events[-1]
     assert isinstance(final, Images) and final.pixels.shape == (2, 32, 32, 1) and final.labels == [1, 2]
-    again = [e for e in client.generate("tiny-diffusion", n=2, seed=3, steps=5, labels=[1, 2])][-1]
+    again = [e for e in client.generate(model, n=2, seed=3, steps=5, sampler=sampler, labels=[1, 2])][-1]
     assert np.array_equal(final.pixels, again.pixels)
+    other = [e for e in client.generate(model, n=2, seed=4, steps=5, sampler=sampler, labels=[1, 2])][-1]
+    assert not np.array_equal(final.pixels, other.pixels), "the seed decides the images"
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
@@ -134,15 +136,16 @@ def test_concurrent_generate_mixed_steps_share_step_runs(server):
         assert np.abs(alone - together[i]).max() <= 1e-4
 
 
-def test_cancelled_generate_stops(server, client):
+@pytest.mark.parametrize("model", ["tiny-diffusion", "tiny-flow"])
+def test_cancelled_generate_stops(server, client, model):
     """A client that cancels mid-stream frees the server: a long request is abandoned after 2 events."""
     import tritonclient.grpc as triton
 
     stats = triton.InferenceServerClient(server.target)
-    runs = lambda: int(stats.get_inference_statistics("tiny-diffusion", as_json=True)  # noqa: E731
+    runs = lambda: int(stats.get_inference_statistics(model, as_json=True)  # noqa: E731
                        ["model_stats"][0].get("execution_count", 0))
     before = runs()
-    stream = client.generate("tiny-diffusion", n=1, seed=0, steps=1000)
+    stream = client.generate(model, n=1, seed=0, steps=1000)
     for i, _ in enumerate(stream):
         if i == 1:
             break
