@@ -610,12 +610,28 @@ def encode_cmd(server, model, version, timeout, output, images, labels, **securi
     click.echo(f"wrote {output}: {len(mean)} codes of size {mean.shape[1]}")
 
 
+# the extra of pyproject.toml that installs each optional top-level module the commands import
+EXTRA_OF = {**dict.fromkeys(("torch", "onnxscript", "onnxconverter_common", "mlxtend", "sklearn", "skimage", "tqdm"),
+                            "train"),
+            **dict.fromkeys(("onnxruntime", "onnx", "grpc", "grpc_health", "grpc_reflection", "google", "aiohttp",
+                             "prometheus_client"), "serve"),
+            "matplotlib": "bench", "diffusers": "dev", "tritonclient": "dev"}
+
+
 def main() -> None:
     try:
         cli.main(prog_name="gen", standalone_mode=True)
     except KeyboardInterrupt:
         click.echo("gen: interrupted", err=True)
         sys.exit(130)
+    except ModuleNotFoundError as e:  # an optional dependency this install lacks: say which extra brings it
+        module = (e.name or "").split(".")[0]
+        if module not in EXTRA_OF:
+            raise
+        extra = EXTRA_OF[module]
+        click.echo(f"gen: error: this command needs {module!r}, which this installation lacks; install the {extra} "
+                   f"extra: pip install \"gen[{extra}]\" (from a checkout: pip install \".[{extra}]\")", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

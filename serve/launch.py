@@ -70,16 +70,18 @@ def wait_for_line(proc: subprocess.Popen, is_ready, timeout: float) -> tuple[str
 
 
 def start_server(repo: str | Path, *args: str, port: int = 0, timeout: float = 120,
-                 env: dict | None = None) -> RunningServer:
+                 env: dict | None = None, gen: list[str] | None = None) -> RunningServer:
     """`python -m gen serve --repo REPO --port PORT --http-port 0 ARGS` on 127.0.0.1 (port 0: a free one);
     returns once it is ready.
 
     ARGS may give --http-port or --no-http instead of the free port; the ports it got are in the result.
+    `gen` is the command that runs gen (default: this interpreter's `python -m gen`), e.g. another
+    environment's `gen` script.
     """
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     http = [] if {"--http-port", "--no-http"} & set(args) else ["--http-port", "0"]
-    proc = subprocess.Popen([sys.executable, "-m", "gen", "serve", "--repo", str(repo), "--port", str(port), *http,
-                             *args],
+    gen = gen or [sys.executable, "-m", "gen"]
+    proc = subprocess.Popen([*gen, "serve", "--repo", str(repo), "--port", str(port), *http, *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line, seen = wait_for_line(proc, READY.search, timeout)
     if line is None:

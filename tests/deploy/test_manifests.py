@@ -165,7 +165,7 @@ def test_dockerfiles_build_what_they_say(name, extra):
     assert entrypoint == ["gen", "serve"]
     options = serve_options(cmd)
     exposed = {int(p) for keyword, *rest in instructions if keyword == "EXPOSE" for p in rest[0].split()}
-    assert exposed == {options["port"], options["metrics_port"]}
+    assert exposed == {options["port"], options["http_port"], options["metrics_port"]}  # gRPC, REST, metrics
     assert options["repo"] == "/models" and options["host"] == "0.0.0.0"
     assert options["device"] == ("cuda" if extra == "gpu" else "auto")
     deployment_args = by_kind("kubernetes")["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
