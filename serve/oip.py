@@ -14,11 +14,11 @@ from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
 from serve.errors import FailedPrecondition, InvalidArgument, ServeError
 from serve.status import deadline_of, rpc, status_of
+from serve.triton_repository import tensor_config
 from serve.wire import CONTENTS_FIELD, NUMPY_OF_OIP, OIP_DATATYPES, check_shape, typed_array
 
 SERVER_NAME = "gen"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy", "binary_tensor_data"]
-CONFIG_TYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int64": mc.TYPE_INT64}
 
 
 def parse_version(text: str) -> int | None:
@@ -96,13 +96,11 @@ def model_metadata(runtime, name: str, version: str) -> pb.ModelMetadataResponse
 
 def model_config(runtime, name: str, version: str) -> mc.ModelConfig:
     handle = runtime.graph(name, parse_version(version))
-    strip = lambda shape: [int(s) for s in shape[1:]]  # noqa: E731 -- Triton omits the batch axis
+    # as `gen models --triton` writes it: no batch axis, and a per-row scalar ([B]) declared [1], reshaped to []
     return mc.ModelConfig(
         name=name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=handle.max_batch_size,
-        input=[mc.ModelInput(name=t.name, data_type=CONFIG_TYPES[t.dtype], dims=strip(t.shape))
-               for t in handle.info.inputs],
-        output=[mc.ModelOutput(name=t.name, data_type=CONFIG_TYPES[t.dtype], dims=strip(t.shape))
-                for t in handle.info.outputs],
+        input=[tensor_config(t, mc.ModelInput()) for t in handle.info.inputs],
+        output=[tensor_config(t, mc.ModelOutput()) for t in handle.info.outputs],
         dynamic_batching=mc.ModelDynamicBatching(
             max_queue_delay_microseconds=int(handle.max_queue_delay_ms * 1000),
             default_queue_policy=mc.ModelQueuePolicy(max_queue_size=handle.max_queue_size)),

@@ -34,7 +34,7 @@ class WrittenModel:
     path: Path  # the Triton model folder
 
 
-def _tensor(t: TensorInfo, message):
+def tensor_config(t: TensorInfo, message):
     """Triton lists shapes without the batch axis; a tensor that is only the batch axis ([B], e.g. a label
     per row) is declared [1] and reshaped to [] for the model, as Triton's documentation prescribes."""
     message.name, message.data_type = t.name, DATA_TYPES[t.dtype]
@@ -53,9 +53,9 @@ def model_config(manifest: Manifest, graph: GraphInfo) -> mc.ModelConfig:
     config = mc.ModelConfig(name=f"{manifest.name}.{graph.name}", platform="onnxruntime_onnx",
                             max_batch_size=int(manifest.serving["max_batch_size"]))
     for t in graph.inputs:
-        _tensor(t, config.input.add())
+        tensor_config(t, config.input.add())
     for t in graph.outputs:
-        _tensor(t, config.output.add())
+        tensor_config(t, config.output.add())
     delay_ms = float(manifest.serving.get("max_queue_delay_ms", 0))
     config.dynamic_batching.max_queue_delay_microseconds = int(round(delay_ms * 1000))
     return config

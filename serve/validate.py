@@ -57,6 +57,8 @@ def tensor(field_name: str, value, spec: TensorInfo, max_n: int) -> np.ndarray:
     if not kind_ok:
         raise InvalidArgument(f"{field_name}: expected {spec.dtype}, got {x.dtype}")
     shape = tuple(spec.shape)
+    if shape == (-1,) and x.ndim == 2 and x.shape[1] == 1:  # a per-row scalar as Triton declares it: dims [1]
+        x = x.reshape(-1)
     if x.ndim != len(shape) or any(s != -1 and s != d for s, d in zip(shape[1:], x.shape[1:])):
         raise InvalidArgument(f"{field_name}: expected shape {list(shape)} (-1 = any), got {list(x.shape)}")
     check_rows(field_name, len(x), max_n)

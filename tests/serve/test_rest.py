@@ -57,6 +57,8 @@ def test_every_graph_infers_like_onnxruntime(client, server, binary):
         assert meta["inputs"][0]["shape"] == list(graph.inputs[0].shape)
         config = client.get_model_config(name)
         assert config["max_batch_size"] >= 1 and config["input"][0]["dims"] == list(graph.inputs[0].shape[1:])
+        for t, declared in zip(graph.inputs, config["input"]):  # a per-row scalar as Triton declares it
+            assert declared["dims"] == (list(t.shape[1:]) or [1]) and ("reshape" in declared) == (len(t.shape) == 1)
         assert config["input"][0]["data_type"] == "TYPE_" + OIP_TYPES[graph.inputs[0].dtype]
         local = ort.InferenceSession(str(entry.path / graph.file), providers=["CPUExecutionProvider"])
         arrays = _inputs(graph, 3, rng)

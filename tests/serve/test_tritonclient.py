@@ -123,3 +123,34 @@ def test_bad_infer_input_names_the_field(client):
         client.infer("tiny-gan.generator", inputs)
     assert "INVALID_ARGUMENT" in str(info.value.status())
     assert client.is_server_live()
+
+
+def test_model_config_is_the_triton_layouts_and_per_row_scalars_take_either_shape(client, server):
+    """ModelConfig declares a per-row scalar (a label, a timestep) as Triton does, dims [1] reshaped to [] (what
+    `gen models --triton` writes too: tests/serve/test_triton_repository.py); such an input is accepted as [N] and
+    as [N, 1] with the same result."""
+    scalar_inputs = 0
+    for name, _entry, graph in _graphs(server.repo):
+        config = client.get_model_config(name).config
+        for t, declared in zip(graph.inputs, config.input):
+            if list(t.shape) == [-1]:
+                assert list(declared.dims) == [1] and declared.HasField("reshape"), (name, t.name)
+                assert list(declared.reshape.shape) == []
+            else:
+                assert list(declared.dims) == list(t.shape[1:]) and not declared.HasField("reshape"), (name, t.name)
+        rows = [t.name for t in graph.inputs if list(t.shape) == [-1]]
+        if not rows:
+            continue
+        scalar_inputs += len(rows)
+        arrays = _inputs(graph, 3, np.random.default_rng(2))
+        results = []
+        for column in (False, True):
+            inputs = []
+            for t in graph.inputs:
+                array = arrays[t.name][:, None] if column and t.name in rows else arrays[t.name]
+                inp = triton.InferInput(t.name, list(array.shape), OIP_TYPES[t.dtype])
+                inp.set_data_from_numpy(array)
+                inputs.append(inp)
+            results.append(client.infer(name, inputs).as_numpy(graph.outputs[0].name))
+        np.testing.assert_array_equal(results[0], results[1])
+    assert scalar_inputs >= 4, "labels of the conditional generators and the denoisers' t and label"
