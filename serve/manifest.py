@@ -72,6 +72,13 @@ class Manifest:
         return len(self.classes)
 
     @property
+    def served_graphs(self) -> dict[str, GraphInfo]:
+        """The graphs the server opens and offers over OIP: all but those its family keeps only for older exports
+        (FamilySpec.legacy_graphs; their files are still verified)."""
+        legacy = FAMILIES[self.family].legacy_graphs
+        return {name: g for name, g in self.graphs.items() if name not in legacy}
+
+    @property
     def student(self) -> dict | None:
         """A distilled student's sampling contract (samplers per step count, steps, default_steps, guidance_range);
         None for a teacher."""

@@ -1,9 +1,12 @@
 """The served model repository: what is on disk under exported/, which versions are READY, load/unload.
 
 At start every <name>/<version>/ is scanned and verified (`scan_repository(verify=True)`: manifest
-schema, file hashes), then every graph of every healthy version is opened with the runner factory
-(onnxruntime sessions, see serve.session). A version is READY when all of that worked, else
-UNAVAILABLE with the reason (bad manifest, hash mismatch, onnxruntime refusing the file, ...).
+schema, file hashes), then every served graph of every healthy version is opened with the runner factory
+(onnxruntime sessions, see serve.session), and the `prepare` hook makes the version warm (the runtime builds a
+denoising model's iteration graph and runs every graph once, as Triton's model_warmup does). A version is READY
+only when all of that worked, else UNAVAILABLE with the reason (bad manifest, hash mismatch, onnxruntime refusing
+the file, a denoiser the iteration graph cannot be built around, ...). Graphs a family keeps only for older
+exports (the legacy diffusion `step`) are verified but neither opened nor served.
 
 `load(name)` re-reads one model from disk: versions whose manifest and files are unchanged keep their
 open sessions, new or changed ones are opened, and only then is the model's version table replaced in
@@ -31,6 +34,9 @@ UNAVAILABLE = "UNAVAILABLE"
 
 # (version folder, graph info) -> an object with .run(feeds) -> outputs; raising means "cannot serve"
 RunnerFactory = Callable[[Path, GraphInfo], Any]
+# a version whose graphs are open -> what else it is served with (kept in ModelVersion.extras); raising means
+# "cannot serve"
+Preparer = Callable[["ModelVersion"], dict]
 
 
 @dataclass(eq=False)  # identity semantics: the runtime keys its batchers on the object
@@ -42,6 +48,7 @@ class ModelVersion:
     state: str
     reason: str = ""
     runners: dict[str, Any] = field(default_factory=dict, repr=False)  # graph name -> runner
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)  # from the preparer, e.g. a denoising session
 
     @property
     def ready(self) -> bool:
@@ -74,9 +81,11 @@ def _default_factory(version_dir: Path, graph: GraphInfo) -> Any:
 class Repository:
     """The models under `root` and their versions; see the module docstring."""
 
-    def __init__(self, root: str | Path, runner_factory: RunnerFactory | None = None):
+    def __init__(self, root: str | Path, runner_factory: RunnerFactory | None = None,
+                 prepare: Preparer | None = None):
         self.root = Path(root)
         self._factory = runner_factory or _default_factory
+        self._prepare = prepare
         self._lock = threading.Lock()  # one load/unload at a time; readers never lock
         self._models: dict[str, dict[str, ModelVersion]] = {}  # name -> version folder name -> version
         models: dict[str, dict[str, ModelVersion]] = {}
@@ -170,11 +179,24 @@ class Repository:
                 and previous.manifest.raw == entry.manifest.raw:
             return previous  # unchanged on disk (the manifest pins every file's hash): keep its sessions
         runners = {}
-        for graph in entry.manifest.graphs.values():
+        for graph in entry.manifest.served_graphs.values():
             try:
                 runners[graph.name] = self._factory(entry.path, graph)
             except Exception as e:  # noqa: BLE001 - any failure makes the version unavailable, with its reason
-                reason = f"{graph.file}: cannot be served: {str(e).strip().splitlines()[0] if str(e) else e!r}"
-                log.warning("%s/%s: %s", entry.name, entry.version, reason)
-                return ModelVersion(entry.name, entry.version, entry.path, entry.manifest, UNAVAILABLE, reason)
-        return ModelVersion(entry.name, entry.version, entry.path, entry.manifest, READY, "", runners)
+                return self._unavailable(entry, f"{graph.file}: cannot be served: {_first_line(e)}")
+        mv = ModelVersion(entry.name, entry.version, entry.path, entry.manifest, READY, "", runners)
+        if self._prepare is not None:
+            try:
+                mv.extras = self._prepare(mv)
+            except Exception as e:  # noqa: BLE001 - a version that cannot be made warm is not served
+                return self._unavailable(entry, f"cannot be served: {_first_line(e)}")
+        return mv
+
+    @staticmethod
+    def _unavailable(entry: VersionEntry, reason: str) -> ModelVersion:
+        log.warning("%s/%s: %s", entry.name, entry.version, reason)
+        return ModelVersion(entry.name, entry.version, entry.path, entry.manifest, UNAVAILABLE, reason)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else repr(e)

@@ -43,7 +43,7 @@ from serve.manifest import GraphInfo, Manifest
 from serve.repository import IndexEntry, ModelVersion, Repository, check_name
 from serve.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, NoiseSchedule, state_size
 from serve.session import CUDA, DenoisingSession, GraphRunner, available_threads, parse_device
-from serve.validate import MAX_GUIDANCE, check_domains, check_float, check_n, check_seed, is_int, labels_for
+from serve.validate import MAX_GUIDANCE, NP_DTYPES, check_domains, check_float, check_n, check_seed, is_int, labels_for
 from serve.validate import images as images_of
 from serve.validate import tensor as tensor_of
 
@@ -156,11 +156,26 @@ class Runtime:
         self._batchers: dict[tuple[ModelVersion, str], DynamicBatcher] = {}
         self._schedulers: dict[ModelVersion, DiffusionScheduler] = {}
         self._closed = False
-        self.repository = Repository(repo_root, self._open_graph)
+        self.repository = Repository(repo_root, self._open_graph, self._prepare_version)
         self.sync = SyncRuntime(self)
 
     def _open_graph(self, version_dir: Path, graph: GraphInfo) -> GraphRunner:
         return GraphRunner(version_dir, graph, self.device, self.threads, self.fp16, self.spin)
+
+    def _prepare_version(self, mv: ModelVersion) -> dict:
+        """Make a version warm before it is READY (Triton's model_warmup): every graph runs once on a zero row,
+        and a denoising model's iteration graph is built around its denoiser and stepped once, so the first
+        request pays for neither and a denoiser the builder refuses leaves the version UNAVAILABLE."""
+        for name, runner in mv.runners.items():
+            runner.run({t.name: np.zeros((1, *(max(d, 1) for d in t.shape[1:])), NP_DTYPES[t.dtype])
+                        for t in mv.manifest.graphs[name].inputs})
+        if FAMILIES[mv.manifest.family].denoiser is None:
+            return {}
+        session = DenoisingSession(mv.path, mv.manifest, state_size(), capacity=self._mbs(mv), device=self.device,
+                                   threads=self.threads, spin=self.spin, fp16=self.fp16,
+                                   cuda_graphs=self.cuda_graphs)
+        session.warm_up()
+        return {"denoising": session}
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -213,7 +228,7 @@ class Runtime:
                            reason=mv.reason, max_batch_size=self.max_n, samplers=[], num_train_timesteps=0)
                 if m is not None:
                     row.update(family=m.family, task=m.task, classes=list(m.classes), channels=m.image["channels"],
-                               height=m.image["height"], width=m.image["width"], graphs=sorted(m.graphs))
+                               height=m.image["height"], width=m.image["width"], graphs=sorted(m.served_graphs))
                     spec = FAMILIES[m.family]
                     if spec.generator:
                         row["latent_size"] = int(np.prod(_input(m.graphs[spec.generator], "z").shape[1:]))
@@ -245,9 +260,9 @@ class Runtime:
             raise NotFound(f"model {name!r} is not in the repository (models: "
                            f"{', '.join(self.repository.names()) or 'none'}){hint}")
         mv = self.repository.resolve(model, version)
-        if graph not in mv.manifest.graphs:
+        if graph not in mv.manifest.served_graphs:
             raise NotFound(f"model {name!r}: {model!r} has the graphs "
-                           f"{', '.join(f'{model}.{g}' for g in sorted(mv.manifest.graphs))}")
+                           f"{', '.join(f'{model}.{g}' for g in sorted(mv.manifest.served_graphs))}")
         return mv, graph
 
     def oip_index(self) -> list[IndexEntry]:
@@ -256,7 +271,7 @@ class Runtime:
         for name in self.repository.names():
             for mv in self.repository.versions(name):
                 version = str(mv.version) if mv.version >= 1 else mv.path.name
-                graphs = sorted(mv.manifest.graphs) if mv.manifest is not None else [None]
+                graphs = sorted(mv.manifest.served_graphs) if mv.manifest is not None else [None]
                 rows += [IndexEntry(f"{name}.{g}" if g else name, version, mv.state, mv.reason) for g in graphs]
         return rows
 
@@ -321,9 +336,9 @@ class Runtime:
             if s is None:
                 self._check_serving(mv)
                 m = mv.manifest
-                session = DenoisingSession(mv.path, m, state_size(), capacity=self._mbs(mv), device=self.device,
-                                           threads=self.threads, spin=self.spin, fp16=self.fp16,
-                                           cuda_graphs=self.cuda_graphs)
+                session = mv.extras.get("denoising") or DenoisingSession(
+                    mv.path, m, state_size(), capacity=self._mbs(mv), device=self.device, threads=self.threads,
+                    spin=self.spin, fp16=self.fp16, cuda_graphs=self.cuda_graphs)
                 schedule = NoiseSchedule.of(m.diffusion["schedule"], int(m.diffusion["num_train_timesteps"]),
                                             m.diffusion["prediction"])
                 s = DiffusionScheduler(session, schedule, name=mv.name, max_batch_size=self._mbs(mv),
@@ -342,7 +357,7 @@ class Runtime:
             for mv in self.repository.versions(model):
                 if not mv.ready or (version is not None and mv.version != version):
                     continue
-                for graph in sorted(mv.manifest.graphs):
+                for graph in sorted(mv.manifest.served_graphs):
                     b = batchers.get((mv, graph))
                     rows.append(b.statistics() if b else Stats(name=f"{model}.{graph}", version=mv.version))
                 if mv in schedulers:

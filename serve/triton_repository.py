@@ -81,7 +81,7 @@ def write_triton_repository(repo: Path, out: Path) -> list[WrittenModel]:
     written = []
     try:
         for _, entry in sorted(latest.items()):
-            for graph in sorted(entry.manifest.graphs.values(), key=lambda g: g.name):
+            for graph in sorted(entry.manifest.served_graphs.values(), key=lambda g: g.name):
                 config = model_config(entry.manifest, graph)
                 folder = tmp / config.name
                 (folder / str(entry.version)).mkdir(parents=True)

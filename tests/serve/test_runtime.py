@@ -323,6 +323,62 @@ def test_load_and_unload(tiny_repo, tmp_path):
         assert rt.sync.sample("tiny-gan", 2, seed=3, version=1).version == 1
 
 
+# --- warm versions ---------------------------------------------------------------------------------------
+
+def test_a_version_is_ready_only_when_warm(tiny_repo):
+    """Loading builds each denoising model's iteration graph and runs every graph once: the scheduler then uses
+    that session, and nothing is built on the first request."""
+    with Runtime(tiny_repo / "exported", device="cpu") as rt:
+        for name in ("tiny-diffusion", "tiny-flow", "tiny-diffusion-student"):
+            mv = rt.repository.resolve(name)
+            session = mv.extras["denoising"]
+            assert session.transfers.uploads == 0, "the warm-up's copies are not counted"
+            assert rt.scheduler(mv).session is session
+        assert "denoising" not in rt.repository.resolve("tiny-gan").extras
+
+
+def test_a_denoiser_the_loop_cannot_be_built_around_is_unavailable(tiny_repo, tmp_path):
+    """Its graph opens and matches its manifest, but its output is not named `output`: the iteration graph
+    cannot be assembled, so the version is UNAVAILABLE with the reason, never READY."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    repo = tmp_path / "exported"
+    shutil.copytree(tiny_repo / "exported" / "tiny-diffusion", repo / "tiny-diffusion")
+    vdir = repo / "tiny-diffusion" / "1"
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    graph = helper.make_graph([helper.make_node("Identity", ["x_t"], ["eps"])], "odd",
+                              [helper.make_tensor_value_info("x_t", f32, ["B", 1, 32, 32]),
+                               helper.make_tensor_value_info("t", i64, ["B"]),
+                               helper.make_tensor_value_info("label", i64, ["B"])],
+                              [helper.make_tensor_value_info("eps", f32, ["B", 1, 32, 32])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(vdir / "denoiser.onnx"))
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    entry = manifest["graphs"]["denoiser"]
+    entry["sha256"] = file_sha256(vdir / "denoiser.onnx")
+    entry["outputs"][0]["name"] = "eps"
+    entry.pop("fp16", None)
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+    with Runtime(repo, device="cpu") as rt:
+        (row,) = rt.repository.index()
+        assert row.state == "UNAVAILABLE" and "output" in row.reason, row
+        with pytest.raises(Unavailable, match="no ready version"):
+            list(rt.sync.generate("tiny-diffusion", 1, seed=0, steps=2))
+
+
+def test_legacy_graphs_are_verified_but_not_served():
+    """mnist-diffusion still ships the pre-registry `step` graph: its hash is checked, but it is not opened,
+    listed or inferable over OIP."""
+    repo = Path(__file__).resolve().parents[2] / "exported"
+    with Runtime(repo, device="cpu") as rt:
+        names = {row.name for row in rt.oip_index()}
+        assert "mnist-diffusion.denoiser" in names and "mnist-diffusion.step" not in names
+        assert "step" not in rt.repository.resolve("mnist-diffusion").runners
+        with pytest.raises(NotFound, match="mnist-diffusion.denoiser"):
+            rt.graph("mnist-diffusion.step")
+        assert rt.models("mnist-diffusion")[0]["graphs"] == ["denoiser"]
+
+
 # --- images ------------------------------------------------------------------------------------------------
 
 def _encoded(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
