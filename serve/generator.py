@@ -45,6 +45,11 @@ def _format(request) -> int:
     return request.format
 
 
+def _n(request) -> int:
+    """The proto's rule: n = 0 means len(labels) when more than one label is given, else 1."""
+    return request.n or (len(request.labels) if len(request.labels) > 1 else 1)
+
+
 def _version(request) -> int | None:
     if request.version < 0:
         raise InvalidArgument(f"version: {request.version} is negative; 0 means the latest")
@@ -63,7 +68,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     @rpc
     async def Sample(self, request, context):
         fmt = _format(request)
-        result = await self.runtime.sample(request.model, request.n, seed=_optional(request, "seed"),
+        result = await self.runtime.sample(request.model, _n(request), seed=_optional(request, "seed"),
                                            labels=list(request.labels) or None, version=_version(request),
                                            deadline=deadline_of(context))
         return _images_out(result, fmt, request.model)
@@ -100,7 +105,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     async def Generate(self, request, context):
         fmt = _format(request)
         events = self.runtime.generate(
-            request.model, request.n, seed=_optional(request, "seed"), labels=list(request.labels) or None,
+            request.model, _n(request), seed=_optional(request, "seed"), labels=list(request.labels) or None,
             guidance=_optional(request, "guidance"), sampler=request.sampler or None, steps=request.steps or None,
             eta=_optional(request, "eta"), preview_every=request.preview_every, version=_version(request),
             deadline=deadline_of(context))

@@ -43,7 +43,17 @@ from serve.manifest import GraphInfo, Manifest
 from serve.repository import IndexEntry, ModelVersion, Repository, check_name
 from serve.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, NoiseSchedule, state_size
 from serve.session import CUDA, DenoisingSession, GraphRunner, available_threads, parse_device
-from serve.validate import MAX_GUIDANCE, NP_DTYPES, check_domains, check_float, check_n, check_seed, is_int, labels_for
+from serve.validate import (
+    MAX_GUIDANCE,
+    NP_DTYPES,
+    NULL_LABEL,
+    check_domains,
+    check_float,
+    check_n,
+    check_seed,
+    is_int,
+    labels_for,
+)
 from serve.validate import images as images_of
 from serve.validate import tensor as tensor_of
 
@@ -529,7 +539,7 @@ class Runtime:
         if not is_int(preview_every) or preview_every < 0:
             raise InvalidArgument(f"preview_every: must be an integer >= 0 (0 = no previews), got "
                                   f"{preview_every!r}")
-        labels = labels_for(labels, n, m)
+        labels = labels_for(labels, n, m, null=True)  # -1: the null class, an unconditional row
         return mv, dict(seed=seed, labels=labels if labels is not None else np.zeros(n, np.int64),
                         guidance=guidance, eta=eta, sampler=SAMPLERS[sampler], steps=int(steps),
                         preview_every=int(preview_every), deadline=deadline)
@@ -553,8 +563,9 @@ def _event(event: object, req: GenerationRequest, mv: ModelVersion) -> Progress 
     """A scheduler event as generate yields it; errors are raised."""
     if isinstance(event, ServeError):
         raise event
-    if isinstance(event, Done):
-        labels = req.labels if mv.manifest.classes else NO_LABELS
+    if isinstance(event, Done):  # the null class K is reported as it was asked for, -1
+        labels = np.where(req.labels == mv.manifest.num_classes, NULL_LABEL, req.labels) if mv.manifest.classes \
+            else NO_LABELS
         return Final(SampleResult(event.images, labels, req.seed, mv.name, mv.version))
     return event
 

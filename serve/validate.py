@@ -94,8 +94,12 @@ def check_finite(field_name: str, x: np.ndarray) -> None:
         raise InvalidArgument(f"{field_name}: NaN or Inf at index {list(index)}")
 
 
-def labels_for(labels, n: int, m: Manifest) -> np.ndarray | None:
-    """Labels for n rows: None -> i % K (conditional) or None (unconditional); one label -> all rows."""
+NULL_LABEL = -1  # in a Generate request: the null class of a classifier-free-guidance model (an unconditional row)
+
+
+def labels_for(labels, n: int, m: Manifest, null: bool = False) -> np.ndarray | None:
+    """Labels for n rows: None -> i % K (conditional) or None (unconditional); one label -> all rows.
+    With `null` (a denoising model, which was trained with the null class K), NULL_LABEL asks for K."""
     k = m.num_classes
     if labels is None:
         return np.arange(n, dtype=np.int64) % k if k else None
@@ -115,9 +119,12 @@ def labels_for(labels, n: int, m: Manifest) -> np.ndarray | None:
     if len(values) not in (1, n):
         raise InvalidArgument(f"labels: give none, one, or one per image ({n}), got {len(values)}")
     for i, v in enumerate(values):
-        if not is_int(v) or not 0 <= v < k:
-            raise InvalidArgument(f"labels[{i}]: must be a class index between 0 and {k - 1}, got {v!r}")
+        if not is_int(v) or not (0 <= v < k or (null and v == NULL_LABEL)):
+            also = f" (or {NULL_LABEL}, the null class)" if null else ""
+            raise InvalidArgument(f"labels[{i}]: must be a class index between 0 and {k - 1}{also}, got {v!r}")
     out = np.asarray(values, dtype=np.int64)
+    if null:
+        out = np.where(out == NULL_LABEL, k, out)
     return np.repeat(out, n) if len(out) == 1 else out
 
 

@@ -134,7 +134,7 @@ def generator_calls(draw) -> tuple[str, object]:
               "sampler": draw(st.sampled_from(["", *SAMPLERS])), "steps": draw(st.integers(0, 20)),
               "preview_every": draw(st.integers(0, 3)), "format": draw(st.sampled_from([0, 1]))}
     hostile = {**common, "n": st.one_of(small, i32), "labels": labels, "guidance": floats, "eta": floats,
-               "sampler": st.one_of(st.sampled_from(["euler", "DDIM"]), st.text(max_size=8)),
+               "sampler": st.one_of(st.sampled_from(["heun", "DDIM"]), st.text(max_size=8)),
                "steps": st.one_of(st.integers(-2, 1002), i32), "preview_every": st.one_of(small, i32),
                "format": formats}
     return method, pb.GenerateRequest(**_mutate(draw, fields, hostile))

@@ -161,7 +161,7 @@ def test_cancelled_generate_stops(server, client, model):
 
 @pytest.mark.parametrize("request_,field", [
     (pb.SampleRequest(model="nope", n=1), "NOT_FOUND"),
-    (pb.SampleRequest(model="tiny-gan", n=0), "n"),
+    (pb.SampleRequest(model="tiny-gan", n=-1), "n"),
     (pb.SampleRequest(model="tiny-gan", n=2, labels=[10]), "labels"),
     (pb.SampleRequest(model="tiny-gan", n=3, labels=[1, 2]), "labels"),
     (pb.SampleRequest(model="../etc", n=1), "model"),
