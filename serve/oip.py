@@ -15,7 +15,7 @@ from protos import model_config_pb2 as mc
 from serve.errors import FailedPrecondition, InvalidArgument, ServeError
 from serve.status import deadline_of, rpc, status_of
 from serve.triton_repository import tensor_config
-from serve.wire import CONTENTS_FIELD, NUMPY_OF_OIP, OIP_DATATYPES, check_shape, typed_array
+from serve.wire import CONTENTS_FIELD, NUMPY_OF_OIP, OIP_DATATYPES, check_datatypes, check_shape, typed_array
 
 SERVER_NAME = "gen"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy", "binary_tensor_data"]
@@ -193,6 +193,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         handle = self.runtime.graph(request.model_name, parse_version(request.model_version))
         arrays = request_arrays(request)
+        check_datatypes(arrays, handle.info.inputs)
         deadline = deadline_of(context) if context is not None else None
         outputs = await self.runtime.infer(request.model_name, arrays, handle.version, deadline=deadline)
         return response_of(request.model_name, handle.version, request, outputs)

@@ -27,7 +27,7 @@ from serve.oip import (
     repository_index,
     server_metadata,
 )
-from serve.wire import NUMPY_OF_OIP, OIP_DATATYPES, check_shape, typed_array
+from serve.wire import NUMPY_OF_OIP, OIP_DATATYPES, check_datatypes, check_shape, typed_array
 
 log = logging.getLogger("gen.serve")
 # ServeError.code (a grpc.StatusCode name) -> HTTP, as google.rpc.Code documents the pairs
@@ -291,6 +291,7 @@ class RestHandlers:
         doc, binary = _split(body, request.headers.get(HEADER_LENGTH))
         handle = self.runtime.graph(name, parse_version(version))
         arrays = request_arrays(doc, binary)
+        check_datatypes(arrays, handle.info.inputs)
         outputs = await self.runtime.infer(name, arrays, handle.version, deadline=_deadline(doc))
         return infer_response(name, handle.version, doc, outputs)
 

@@ -62,3 +62,14 @@ def tensor_from_pb(t: gen_pb.Tensor, field: str) -> np.ndarray:
         raise InvalidArgument(f"{field}.data: {len(t.data)} bytes, but shape {list(shape)} of float32 needs "
                               f"{expected}")
     return np.frombuffer(t.data, dtype="<f4").reshape(shape).astype(np.float32)
+
+
+def check_datatypes(arrays: dict[str, np.ndarray], inputs) -> None:
+    """OIP inputs must come in the model's own datatype, as Triton requires (no silent conversion, e.g. FP64 data
+    for an FP32 input): InvalidArgument naming the input otherwise. `inputs`: the graph's TensorInfos."""
+    for t in inputs:
+        array = arrays.get(t.name)
+        if array is not None and array.dtype != np.dtype(t.dtype):
+            got = OIP_DATATYPES.get(array.dtype.newbyteorder("=").name, str(array.dtype))
+            raise InvalidArgument(f"{t.name}: the model takes {OIP_DATATYPES[t.dtype]}, got {got}; send the "
+                                  "model's datatype (ModelMetadata lists it)")

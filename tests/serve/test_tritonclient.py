@@ -154,3 +154,25 @@ def test_model_config_is_the_triton_layouts_and_per_row_scalars_take_either_shap
             results.append(client.infer(name, inputs).as_numpy(graph.outputs[0].name))
         np.testing.assert_array_equal(results[0], results[1])
     assert scalar_inputs >= 4, "labels of the conditional generators and the denoisers' t and label"
+
+
+def test_an_input_in_another_datatype_is_refused_naming_it(client, server):
+    """As Triton: FP64 data for an FP32 input is INVALID_ARGUMENT (gRPC) and 400 (REST), not converted."""
+    import tritonclient.http as httpclient
+
+    z = np.zeros((1, *_z_shape(client)), np.float64)
+    label = np.zeros(1, np.int64)
+    for module, target in ((triton, server.target), (httpclient, server.http_target)):
+        c = client if module is triton else httpclient.InferenceServerClient(target)
+        inputs = [module.InferInput("z", list(z.shape), "FP64"), module.InferInput("label", [1], "INT64")]
+        inputs[0].set_data_from_numpy(z)
+        inputs[1].set_data_from_numpy(label)
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("tiny-gan.generator", inputs)
+        assert "z: the model takes FP32, got FP64" in str(e.value)
+        assert ("INVALID_ARGUMENT" in str(e.value.status())) if module is triton else e.value.status() == "400"
+
+
+def _z_shape(client) -> list[int]:
+    meta = client.get_model_metadata("tiny-gan.generator", as_json=True)
+    return [int(d) for d in meta["inputs"][0]["shape"][1:]]
