@@ -32,6 +32,7 @@ DEFAULT_MODELS = (
     DefaultModel("mnist-diffusion", "diffusion"),
     # distilled from the mnist-diffusion just built (its preset's distill_from): keep it after its teacher
     DefaultModel("mnist-diffusion-student", "diffusion-student"),
+    DefaultModel("mnist-flow", "flow"),
     DefaultModel("shapes-pix2pix", "pix2pix"),
     DefaultModel("stripes-cyclegan", "cyclegan"),
 )

@@ -47,7 +47,7 @@ class FlowConfig(FamilyConfig):
     conditional: bool | None = None  # None: conditional exactly when the data has classes
     sampler: str = "euler"  # the progress grid's sampler, and export's served-loop check
     sample_steps: int = 20  # its steps
-    guidance: float = 1.5  # CFG scale for the grid (conditional models); a request's default when served
+    guidance: float = 1.25  # CFG scale for the grid (conditional models); a request's default when served
 
 
 class _Denoiser(nn.Module):
