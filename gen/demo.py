@@ -2,8 +2,8 @@
 
 It does what a client service would: lists the models, asks the conditional GAN and the VAE for
 samples of every class, has the VAE reconstruct held-out digits, translates held-out images with
-pix2pix and CycleGAN (sent as PNG bytes), and runs a diffusion request while printing its streamed
-progress. Every result is written as a PNG grid under demo-out/; the same seeds give the same grids,
+pix2pix and CycleGAN (sent as PNG bytes), and runs diffusion, its student and the flow model while printing
+their streamed progress. Every result is written as a PNG grid under demo-out/; the same seeds give the same grids,
 which are the ones README shows.
 """
 from __future__ import annotations
@@ -142,6 +142,15 @@ def main(argv: list[str] | None = None) -> int:
             print(flush=True)
             save("diffusion-student-samples", result.pixels,
                  "its distilled student at 4 steps, the same labels (compare with diffusion-samples)")
+
+            say("mnist-flow: the same 40 labels, rectified flow, 20 Euler steps, the model's guidance (streamed):")
+            for event in client.generate("mnist-flow", n=40, seed=0, labels=labels[:40], sampler="euler", steps=20):
+                if isinstance(event, Images):
+                    result = event
+                else:
+                    print(f"\r  step {event.step:2d}/{event.total}", end="", flush=True)
+            print(flush=True)
+            save("flow-samples", result.pixels, "class-conditional rectified flow, 4 of each digit, 20 Euler steps")
     finally:
         code = stop_server(server)
         say(f"server stopped (exit status {code})")
