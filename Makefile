@@ -25,7 +25,7 @@ lint: setup
 demo: setup
 	$(PY) -m gen.demo
 
-# Retrain and re-export the shipped models (about 90 minutes on 2 CPU cores, plus the student's distillation),
+# Retrain and re-export the shipped models (README's table of training times adds up to about 4 hours on 2 CPU cores),
 # then score them: `gen eval --check` fails the target when a model misses its quality bar. The second eval is the
 # teacher at the server's default sampler, for the student's comparison (README, "Few-step students").
 models: setup
