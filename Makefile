@@ -5,7 +5,7 @@ GEN     := $(VENV)/bin/gen
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo models lint clean bench bench-full bench-setup gpu-check
+.PHONY: setup test demo models lint clean bench bench-full bench-setup gpu-check docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -67,5 +67,15 @@ gpu-check: setup
 	$(PY) -m pytest -m gpu -s -q tests/serve/test_gpu.py
 	$(PY) -m bench.gpu_check
 
+# The documentation site from docs/ (mkdocs.yml) into site/; strict: a broken link or a page left out fails.
+DOCS_STAMP := $(VENV)/.docs-stamp
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache bench/.cache $(PYTRITON)
+	rm -rf $(VENV) runs .pytest_cache bench/.cache $(PYTRITON) site

@@ -8,7 +8,7 @@ needed), starts `gen serve` on 127.0.0.1 (port 0, repository control off), sends
 tests/serve/strategies.py (gen.v1 and OIP messages, bytes that are not messages, OIP v2 REST requests
 valid and hostile: JSON, binary tensor data, any JSON, garbage bodies, odd paths), counts the
 statuses, checks health and memory afterwards, stops the server with SIGTERM and prints a summary
-(Markdown, for RELIABILITY.md). Exit status 1 if any status was undocumented or the server died.
+(Markdown, for docs/reliability.md). Exit status 1 if any status was undocumented or the server died.
 Bounded: stops after --requests requests or --max-seconds, whichever comes first.
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """OIP v2 over REST against the real server: tritonclient.http on every graph (JSON and binary tensor data),
-metadata, config, statistics, the repository extension, error codes and bodies, and README's curl examples."""
+metadata, config, statistics, the repository extension, error codes and bodies, and docs/serving.md's curl
+examples."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -155,17 +156,17 @@ def test_a_full_queue_is_429_and_the_rest_are_served(served_repo):
         stop_server(srv)
 
 
-def _readme_curl_block() -> str:
-    text = (ROOT / "README.md").read_text()
+def _docs_curl_block() -> str:
+    text = (ROOT / "docs" / "serving.md").read_text()
     match = re.search(r"<!-- rest-examples: run by tests/serve/test_rest.py -->\n```sh\n(.*?)```", text, re.S)
-    assert match, "README.md lost its REST examples block"
+    assert match, "docs/serving.md lost its REST examples block"
     return match.group(1)
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
-def test_readme_curl_examples_run_as_written(tmp_path):
-    """The README's block, with only its PORT= line set to the port this server got, against exported/."""
-    block = _readme_curl_block()
+def test_the_docs_curl_examples_run_as_written(tmp_path):
+    """docs/serving.md's block, with only its PORT= line set to the port this server got, against exported/."""
+    block = _docs_curl_block()
     assert re.search(r"^PORT=8000$", block, re.M)
     srv = start_server(ROOT / "exported", "--device", "cpu")
     try:
