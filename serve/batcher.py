@@ -287,9 +287,10 @@ class DynamicBatcher:
     # --- the worker ------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        started = True  # the thread starts for a request already queued: the graph was idle until then
         while True:
             with self._cond:
-                idle = not self._queue
+                idle, started = started or not self._queue, False
                 while not self._queue and not self._closed:
                     self._cond.wait()
                 if not self._queue:

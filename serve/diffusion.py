@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import numpy.random  # noqa: F401 - numpy loads it lazily, on first use: at import, not in the first request
 
 from serve.batcher import Stats
 from serve.errors import Cancelled, DeadlineExceeded, Internal, ResourceExhausted, ServeError, Unavailable

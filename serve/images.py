@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin  # noqa: F401 - the PNG codec registered at import, not in the first request
 
 from serve.errors import InvalidArgument
 
