@@ -1,4 +1,4 @@
-"""`python -m bench [--mode quick|full] [--cases forward,serving,diffusion,roofline,students]`: run, then write
+"""`python -m bench [--mode quick|full] [--cases forward,serving,diffusion,roofline,students,warmup]`: run, then write
 BENCHMARKS.md.
 
 quick (`make bench`) takes a few minutes: fewer repeats and shorter load runs; full (`make bench-full`)
@@ -19,18 +19,18 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("forward", "options", "serving", "diffusion", "roofline", "students")
+CASES = ("forward", "options", "serving", "diffusion", "roofline", "students", "warmup")
 MODES = {
     "quick": {"forward_repeats": 5, "serving_repeats": 1, "serving_seconds": 3.0, "serving_warmup": 1.0,
               "diffusion_repeats": 1, "diffusion_steps": 50, "roofline_repeats": 5, "options_repeats": 3,
-              "students_repeats": 1, "students_images": 8},
+              "students_repeats": 1, "students_images": 8, "warmup_repeats": 1},
     "full": {"forward_repeats": 15, "serving_repeats": 3, "serving_seconds": 8.0, "serving_warmup": 2.0,
              "diffusion_repeats": 3, "diffusion_steps": 50, "roofline_repeats": 10, "options_repeats": 7,
-             "students_repeats": 3, "students_images": 16},
+             "students_repeats": 3, "students_images": 16, "warmup_repeats": 3},
     # a check that everything runs (seconds of load, 2 diffusion steps): its numbers mean nothing
     "smoke": {"forward_repeats": 1, "serving_repeats": 1, "serving_seconds": 0.5, "serving_warmup": 0.2,
               "diffusion_repeats": 1, "diffusion_steps": 2, "roofline_repeats": 1, "options_repeats": 1,
-              "students_repeats": 1, "students_images": 1},
+              "students_repeats": 1, "students_images": 1, "warmup_repeats": 1},
 }
 
 
@@ -122,6 +122,11 @@ def main() -> None:
 
         log("case 5: a distilled student against its teacher, images/s through the server")
         results["students"] = students.run(p["students_repeats"], p["students_images"], log)
+    if "warmup" in cases:
+        from bench import warmup
+
+        log("case 6: the first request after ready against the next ones")
+        results["warmup"] = warmup.run(p["warmup_repeats"], log)
     results["seconds"] = time.time() - t0
     results["load_after"] = os.getloadavg()
     make = {"quick": "make bench", "full": "make bench-full"}.get(args.mode, f"make bench MODE={args.mode}")

@@ -96,6 +96,8 @@ def write(results: dict, path: Path, plots: dict[str, str]) -> None:
         lines += _roofline(results["roofline"], results.get("profile_step", []), plots.get("roofline"))
     if "students" in results:
         lines += _students(results["students"])
+    if "warmup" in results:
+        lines += _warmup(results["warmup"], results)
     paths = ROOT / "bench" / "paths.md"  # bench.paths' comparison of two trees: its own run, kept across bench runs
     if paths.is_file():
         lines += [paths.read_text().rstrip("\n"), ""]
@@ -401,6 +403,26 @@ def _student_speedup(st: dict) -> float | None:
     if "student, 4 steps" not in by or "teacher, 50 DDIM steps" not in by:
         return None
     return by["student, 4 steps"]["images_per_s"] / by["teacher, 50 DDIM steps"]["images_per_s"]
+
+
+def _warmup(w: dict, results: dict) -> list[str]:
+    """Case 6: the first request after ready against the next ones (bench/warmup.py)."""
+    own = w.get("started") and w.get("started") != results.get("started")
+    how = (f"Measured by `{w['command']}` on {w['started']} (a run of its own, on {w['cpu']}, {w['cores']} cores, "
+           f"commit {w['commit'] or '?'}; load average {w['load'][0]:.2f} at its start)." if own else
+           "Measured in this run.")
+    out = ["## Case 6: the first request after ready", "",
+           "A version is READY only when warm: every graph has run once and a denoising model's iteration graph "
+           "has been built and stepped once. For each model a fresh `gen serve` (CPU, the shipped models) is "
+           f"started and the first call after it reports ready is timed, then {w['following']} more one at a "
+           "time (gRPC, serve.client; Generate at the server's defaults, a student at its own). " + how +
+           " Medians over the repeats; target: the first call within 1.5x of the next ones' median.", "",
+           "| model | call | first (ms) | median of the next (ms) | first / next | repeats |",
+           "|---|---|---|---|---|---|"]
+    for r in w["rows"]:
+        out.append(f"| `{r['model']}` | {r['call']} | {r['first_ms']:.1f} | {r['next_median_ms']:.1f} | "
+                   f"x{r['ratio']:.2f} | {r['repeats']} |")
+    return out + [""]
 
 
 def _students(st: dict) -> list[str]:

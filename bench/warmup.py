@@ -1,0 +1,89 @@
+"""Case 6: the first request after `gen serve` reports ready, against the median of the next 20.
+
+A version is READY only when warm (serve/runtime.py: every graph ran once and a denoising model's iteration graph
+was built and stepped once), so the first request should cost what the next ones do. For each model below a
+fresh `gen serve` (subprocess, CPU, the shipped models of exported/) is started; as soon as it reports ready the
+first call is timed (after a ListModels call has connected the channel), then 20 more in turn, one at a time
+(gRPC through serve.client, as a user would). Each row
+repeats that `repeats` times with a new server and keeps the medians.
+
+    python -m bench.warmup [--repeats N]    # this case alone: updates bench/results.json and BENCHMARKS.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLLOWING = 20
+# (model, what is called): Generate at the server's defaults (a student: its own), Sample for a generator
+CALLS = (("mnist-diffusion", "generate"), ("mnist-flow", "generate"), ("mnist-diffusion-student", "generate"),
+         ("mnist-cgan", "sample"))
+
+
+def _call(client, model: str, kind: str) -> float:
+    t0 = time.perf_counter()
+    if kind == "generate":
+        for _ in client.generate(model, n=1, seed=0, labels=[3]):
+            pass
+    else:
+        client.sample(model, n=1, seed=0, labels=[3])
+    return (time.perf_counter() - t0) * 1000
+
+
+def run(repeats: int, log=print) -> dict:
+    from serve.client import GenClient
+    from serve.launch import start_server, stop_server
+
+    rows = []
+    for model, kind in CALLS:
+        firsts, medians = [], []
+        for _ in range(repeats):
+            server = start_server(ROOT / "exported", "--no-http", "--device", "cpu")
+            try:
+                with GenClient(server.target, timeout=600) as client:
+                    client.list_models()  # the channel's connection is the client's cost, not the model's
+                    firsts.append(_call(client, model, kind))
+                    medians.append(statistics.median(_call(client, model, kind) for _ in range(FOLLOWING)))
+            finally:
+                stop_server(server)
+        row = {"model": model, "call": kind, "first_ms": statistics.median(firsts),
+               "next_median_ms": statistics.median(medians), "repeats": repeats}
+        row["ratio"] = row["first_ms"] / row["next_median_ms"]
+        log(f"  {model} {kind}: first {row['first_ms']:.1f} ms, next {FOLLOWING} median "
+            f"{row['next_median_ms']:.1f} ms (x{row['ratio']:.2f})")
+        rows.append(row)
+    return {"rows": rows, "following": FOLLOWING}
+
+
+def main() -> None:
+    import os
+
+    from bench import report
+    from bench.timing import machine
+
+    ap = argparse.ArgumentParser(prog="python -m bench.warmup", description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()
+    result = run(args.repeats, print)
+    m = machine()
+    result.update(command=f"python -m bench.warmup --repeats {args.repeats}", started=started,
+                  load=[*load, *os.getloadavg()], cpu=m["cpu"], cores=m["cores"], commit=m["commit"])
+    path = ROOT / "bench" / "results.json"
+    results = json.loads(path.read_text())
+    results["warmup"] = result
+    path.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    plots = {c: f"bench/plots/{c}.png" for c in ("forward", "serving", "diffusion", "roofline")
+             if (ROOT / "bench" / "plots" / f"{c}.png").exists()}
+    report.write(results, ROOT / "BENCHMARKS.md", plots)
+    print("updated bench/results.json and BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
