@@ -348,7 +348,7 @@ class Runtime:
     # --- batchers, schedulers, statistics --------------------------------------------------------
 
     def batcher(self, mv: ModelVersion, graph: str) -> DynamicBatcher:
-        """The batcher of one graph of a loaded version (made and run once while the version was prepared)."""
+        """The batcher of one graph of a loaded version (created on first use)."""
         with self._lock:
             b = self._batchers.get((mv, graph))
             if b is None:
@@ -363,7 +363,7 @@ class Runtime:
         return b
 
     def scheduler(self, mv: ModelVersion) -> DiffusionScheduler:
-        """The step-level scheduler of a loaded denoising version (made and run once while it was prepared)."""
+        """The step-level scheduler of a loaded diffusion version (created on first use)."""
         with self._lock:
             s = self._schedulers.get(mv)
             if s is None:
@@ -585,6 +585,7 @@ def _warm_up(scheduler: DiffusionScheduler, m: Manifest) -> None:
         time.sleep(0.001)
     scheduler.stats = Stats(name=m.name, version=m.version)
     scheduler.session.transfers = Transfers()
+
 
 
 def _input(info: GraphInfo, name: str):
