@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from serve.families import DENOISE, FAMILIES, GAUSSIAN, FamilySpec
 from serve.manifest import GraphInfo, Manifest
 from serve.repository import IndexEntry, ModelVersion, Repository, check_name
 from serve.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, NoiseSchedule, state_size
-from serve.session import CUDA, DenoisingSession, GraphRunner, Transfers, available_threads, parse_device
+from serve.session import CUDA, DenoisingSession, GraphRunner, available_threads, parse_device
 from serve.validate import (
     MAX_GUIDANCE,
     NP_DTYPES,
@@ -174,38 +173,19 @@ class Runtime:
         return GraphRunner(version_dir, graph, self.device, self.threads, self.fp16, self.spin)
 
     def _prepare_version(self, mv: ModelVersion) -> dict:
-        """Make a version warm before it is READY (Triton's model_warmup): each graph's batcher and, for a
-        denoising model, its step-level scheduler (around the iteration graph built from its denoiser) are created
-        and run once on a zero row, in the threads that will serve them (onnxruntime's first run in a thread
-        sets up that thread's buffers); their counters then start at zero. The first request pays for none of
-        it, and a denoiser the builder refuses leaves the version UNAVAILABLE."""
-        made: list = []
-        try:
-            batchers = {}
-            for name in mv.runners:
-                b = self._new_batcher(mv, name)
-                made.append(b)
-                b.run_sync({t.name: np.zeros((1, *(max(d, 1) for d in t.shape[1:])), NP_DTYPES[t.dtype])
-                            for t in mv.manifest.graphs[name].inputs})
-                b.stats = Stats(name=b.stats.name, version=mv.version)
-                batchers[name] = b
-            scheduler = None
-            if FAMILIES[mv.manifest.family].denoiser is not None:
-                session = DenoisingSession(mv.path, mv.manifest, state_size(), capacity=self._mbs(mv),
-                                           device=self.device, threads=self.threads, spin=self.spin, fp16=self.fp16,
-                                           cuda_graphs=self.cuda_graphs)
-                scheduler = self._new_scheduler(mv, session)
-                made.append(scheduler)
-                _warm_up(scheduler, mv.manifest)
-        except Exception:
-            for x in made:
-                x.close(drain=False)
-            raise
-        with self._lock:
-            self._batchers.update({(mv, name): b for name, b in batchers.items()})
-            if scheduler is not None:
-                self._schedulers[mv] = scheduler
-        return {"denoising": scheduler.session} if scheduler is not None else {}
+        """Make a version warm before it is READY (Triton's model_warmup): every graph runs once on a zero row,
+        and a denoising model's iteration graph is built around its denoiser and stepped once, so the first
+        request pays for neither and a denoiser the builder refuses leaves the version UNAVAILABLE."""
+        for name, runner in mv.runners.items():
+            runner.run({t.name: np.zeros((1, *(max(d, 1) for d in t.shape[1:])), NP_DTYPES[t.dtype])
+                        for t in mv.manifest.graphs[name].inputs})
+        if FAMILIES[mv.manifest.family].denoiser is None:
+            return {}
+        session = DenoisingSession(mv.path, mv.manifest, state_size(), capacity=self._mbs(mv), device=self.device,
+                                   threads=self.threads, spin=self.spin, fp16=self.fp16,
+                                   cuda_graphs=self.cuda_graphs)
+        session.warm_up()
+        return {"denoising": session}
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -353,14 +333,11 @@ class Runtime:
             b = self._batchers.get((mv, graph))
             if b is None:
                 self._check_serving(mv)
-                b = self._batchers[(mv, graph)] = self._new_batcher(mv, graph)
+                b = DynamicBatcher(mv.runners[graph].run, name=f"{mv.name}.{graph}", max_batch_size=self._mbs(mv),
+                                   max_queue_delay_ms=self._delay(mv), max_queue_size=self.max_queue_size)
+                b.stats.version = mv.version
+                self._batchers[(mv, graph)] = b
             return b
-
-    def _new_batcher(self, mv: ModelVersion, graph: str) -> DynamicBatcher:
-        b = DynamicBatcher(mv.runners[graph].run, name=f"{mv.name}.{graph}", max_batch_size=self._mbs(mv),
-                           max_queue_delay_ms=self._delay(mv), max_queue_size=self.max_queue_size)
-        b.stats.version = mv.version
-        return b
 
     def scheduler(self, mv: ModelVersion) -> DiffusionScheduler:
         """The step-level scheduler of a loaded diffusion version (created on first use)."""
@@ -368,19 +345,17 @@ class Runtime:
             s = self._schedulers.get(mv)
             if s is None:
                 self._check_serving(mv)
-                session = DenoisingSession(mv.path, mv.manifest, state_size(), capacity=self._mbs(mv),
-                                           device=self.device, threads=self.threads, spin=self.spin, fp16=self.fp16,
-                                           cuda_graphs=self.cuda_graphs)
-                s = self._schedulers[mv] = self._new_scheduler(mv, session)
+                m = mv.manifest
+                session = mv.extras.get("denoising") or DenoisingSession(
+                    mv.path, m, state_size(), capacity=self._mbs(mv), device=self.device, threads=self.threads,
+                    spin=self.spin, fp16=self.fp16, cuda_graphs=self.cuda_graphs)
+                schedule = NoiseSchedule.of(m.diffusion["schedule"], int(m.diffusion["num_train_timesteps"]),
+                                            m.diffusion["prediction"])
+                s = DiffusionScheduler(session, schedule, name=mv.name, max_batch_size=self._mbs(mv),
+                                       max_queue_size=self.max_queue_size)
+                s.stats.version = mv.version
+                self._schedulers[mv] = s
             return s
-
-    def _new_scheduler(self, mv: ModelVersion, session: DenoisingSession) -> DiffusionScheduler:
-        d = mv.manifest.diffusion
-        schedule = NoiseSchedule.of(d["schedule"], int(d["num_train_timesteps"]), d["prediction"])
-        s = DiffusionScheduler(session, schedule, name=mv.name, max_batch_size=self._mbs(mv),
-                               max_queue_size=self.max_queue_size)
-        s.stats.version = mv.version
-        return s
 
     def statistics(self, name: str | None = None, version: int | None = None) -> list[Stats]:
         """Counters of every graph of every READY version ("<model>.<graph>", zero until used), plus one
@@ -570,22 +545,6 @@ class Runtime:
                         preview_every=int(preview_every), deadline=deadline)
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-def _warm_up(scheduler: DiffusionScheduler, m: Manifest) -> None:
-    """One 1-step request on a zero label through the scheduler's own thread; its counters and the session's
-    transfer counts start at zero afterwards. Raises what the run raised."""
-    events: queue.Queue = queue.Queue()
-    scheduler.submit(seed=0, labels=np.zeros(1, np.int64), guidance=1.0, eta=0.0, sampler=SAMPLERS["ddim"], steps=1,
-                     deliver=events.put)
-    while not isinstance(event := events.get(timeout=600), (Done, Exception)):
-        pass
-    if isinstance(event, Exception):
-        raise event
-    while scheduler.active():  # the request is accounted for after its images are delivered
-        time.sleep(0.001)
-    scheduler.stats = Stats(name=m.name, version=m.version)
-    scheduler.session.transfers = Transfers()
-
 
 
 def _input(info: GraphInfo, name: str):
