@@ -4,8 +4,8 @@ A version is READY only when warm (serve/runtime.py: every graph ran once and a 
 was built and stepped once), so the first request should cost what the next ones do. For each model below a
 fresh `gen serve` (subprocess, CPU, the shipped models of exported/) is started; as soon as it reports ready the
 first call is timed (after a ListModels call has connected the channel), then 20 more in turn, one at a time
-(gRPC through serve.client, as a user would). Each row
-repeats that `repeats` times with a new server and keeps the medians.
+(gRPC through serve.client, as a user would). Each row repeats that `repeats` times with a new server and keeps
+the medians.
 
     python -m bench.warmup [--repeats N]    # this case alone: updates bench/results.json and BENCHMARKS.md
 """

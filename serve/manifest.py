@@ -10,6 +10,7 @@ Layout:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -71,7 +72,7 @@ class Manifest:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    @property
+    @functools.cached_property  # read on every OIP request (resolve_graph)
     def served_graphs(self) -> dict[str, GraphInfo]:
         """The graphs the server opens and offers over OIP: all but those its family keeps only for older exports
         (FamilySpec.legacy_graphs; their files are still verified)."""

@@ -346,9 +346,7 @@ class Runtime:
             if s is None:
                 self._check_serving(mv)
                 m = mv.manifest
-                session = mv.extras.get("denoising") or DenoisingSession(
-                    mv.path, m, state_size(), capacity=self._mbs(mv), device=self.device, threads=self.threads,
-                    spin=self.spin, fp16=self.fp16, cuda_graphs=self.cuda_graphs)
+                session = mv.extras["denoising"]  # built and warmed when the version was prepared
                 schedule = NoiseSchedule.of(m.diffusion["schedule"], int(m.diffusion["num_train_timesteps"]),
                                             m.diffusion["prediction"])
                 s = DiffusionScheduler(session, schedule, name=mv.name, max_batch_size=self._mbs(mv),

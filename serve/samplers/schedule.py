@@ -41,6 +41,12 @@ def alpha_bar(schedule: str, num_train_timesteps: int) -> np.ndarray:
     return np.cumprod(1 - betas)
 
 
+def _checked(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction: {prediction!r} is not one of {', '.join(PREDICTIONS)}")
+    return prediction
+
+
 def timestep_pairs(steps: int, num_train_timesteps: int) -> list[tuple[int, int]]:
     """Trailing spacing: t_i = round(T (S - i) / S) - 1 for i = 0..S-1 (round half to even), then -1."""
     T = num_train_timesteps
@@ -57,11 +63,9 @@ class NoiseSchedule:
     time_dtype = "int64"  # the denoiser's `t` input
 
     def __init__(self, abar: np.ndarray, prediction: str = "eps"):
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction: {prediction!r} is not one of {', '.join(PREDICTIONS)}")
         self.abar = np.asarray(abar, np.float64)
         self.T = len(self.abar)
-        self.prediction = prediction
+        self.prediction = _checked(prediction)
 
     @classmethod
     def of(cls, schedule: str, num_train_timesteps: int, prediction: str = "eps") -> NoiseSchedule:
@@ -107,10 +111,8 @@ class FlowSchedule(NoiseSchedule):
     time_dtype = "float32"
 
     def __init__(self, num_train_timesteps: int = 1000, prediction: str = "velocity"):
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction: {prediction!r} is not one of {', '.join(PREDICTIONS)}")
         self.T = num_train_timesteps  # the most steps a request may take; t itself is continuous
-        self.prediction = prediction
+        self.prediction = _checked(prediction)
 
     def pairs(self, steps: int) -> list[tuple]:
         if not 1 <= steps <= self.T:
