@@ -119,7 +119,7 @@ def run(base: Path, families: dict, repeats: int, steps: int = STEPS, log=print)
     x_T = np.random.default_rng(0).standard_normal((REQUESTS, *shape), dtype=np.float32)
     labels = (np.arange(REQUESTS) % max(k, 1)).astype(np.int64)
     d = manifest["diffusion"]
-    schedule = NoiseSchedule.of(d["schedule"], d["num_train_timesteps"], d["prediction"])
+    schedule = NoiseSchedule.from_manifest(d)
     # the server's state layout (every sampler's state size), so the offline batch does the server's work
     session = DenoisingSession(src, parse_manifest(manifest), state_size(), capacity=REQUESTS, device="cpu")
     unet = families[MODEL].ema.eval()

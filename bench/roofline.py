@@ -114,7 +114,7 @@ def step_feeds(manifest, batch: int) -> dict[str, np.ndarray]:
     from serve.samplers import SAMPLERS, NoiseSchedule, padded_plan, state_size
 
     d = manifest.diffusion
-    schedule = NoiseSchedule.of(d["schedule"], d["num_train_timesteps"], d["prediction"])
+    schedule = NoiseSchedule.from_manifest(d)
     coef = padded_plan(SAMPLERS["ddim"], schedule, [(499, 479)], 0.0, state_size())
     full = lambda v, dt: np.full(batch, v, dt)  # noqa: E731
     return {"slots": np.arange(batch, dtype=np.int64), "t": full(499, np.int64),
@@ -128,10 +128,15 @@ def graph_feeds(manifest, batch: int) -> dict[str, np.ndarray]:
     of `batch` slots, zero noise."""
     from serve.samplers import state_size
 
+    from serve.denoising import KNOWN
+
     feeds = step_feeds(manifest, batch)
     image = (manifest.image["channels"], manifest.image["height"], manifest.image["width"])
-    feeds["state"] = np.random.default_rng(0).standard_normal((batch, state_size(), *image), dtype=np.float32)
+    S = state_size()
+    feeds["state"] = np.random.default_rng(0).standard_normal((batch, S + KNOWN, *image), dtype=np.float32)
+    feeds["state"][:, S + 1] = 1.0  # the mask: regenerate everything (plain generation)
     feeds["noise"] = np.zeros((batch, *image), np.float32)
+    feeds["blend"] = np.zeros((batch, 2), np.float32)
     if not manifest.num_classes:
         del feeds["label"], feeds["guidance"]
     return feeds

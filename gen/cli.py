@@ -184,28 +184,76 @@ def distill_cmd(teacher, set_, resume, progress, **options):
 
 
 @cli.command("export")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", type=click.Path(file_okay=False), required=False)
+@click.option("--from-diffusers", "diffusers_dir", type=click.Path(),
+              help="Instead of RUN_DIR: a diffusers UNet2DModel folder or pipeline (save_pretrained's output, with "
+              "its DDPMScheduler or DDIMScheduler config).")
+@click.option("--null-class", type=int, help="--from-diffusers: the label the UNet was trained to read as no class "
+              "(its last class embedding); enables classifier-free guidance.")
+@click.option("--guidance", type=float, default=1.0, show_default=True,
+              help="--from-diffusers: a request's default guidance scale (needs --null-class unless 1).")
 @click.option("--name", required=True, help="Model name in the repository ([a-z0-9][a-z0-9._-]*).")
 @click.option("--version", "version", type=int, help="Version number. [default: the next free one]")
 @click.option("--repo", default="exported", show_default=True, help="The model repository folder.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (17 to 21).")
 @click.option("--fp16", is_flag=True, help="Also write a half-precision variant of each graph (for CUDA).")
 @click.option("--max-batch-size", type=int, default=64, show_default=True, help="Serving default.")
-def export_cmd(run_dir, name, version, repo, opset, fp16, max_batch_size):
-    """Export a trained run to REPO/NAME/VERSION/ as verified ONNX graphs plus manifest.json.
+def export_cmd(run_dir, diffusers_dir, null_class, guidance, name, version, repo, opset, fp16, max_batch_size):
+    """Export a trained run (or, with --from-diffusers, a diffusers UNet) to REPO/NAME/VERSION/ as verified ONNX
+    graphs plus manifest.json.
 
     Refuses to write a version whose graphs fail onnx.checker or differ from PyTorch by more than
     1e-4 (fp16: 1e-2); diffusion models also pass a 50-step DDIM loop (a student: its own sampler at its most steps)
     through the served loop within 1e-3.
     """
+    if (run_dir is None) == (diffusers_dir is None):
+        raise UserError("give RUN_DIR or --from-diffusers DIR (one of them): gen export RUN_DIR --name NAME")
+    if diffusers_dir is None and (null_class is not None or guidance != 1.0):
+        raise UserError("--null-class and --guidance go with --from-diffusers (a run's manifest has its own)")
     try:
         from trainer.export import ExportError, export_model
 
-        path = export_model(run_dir, name, repo=repo, version=version, opset=opset, fp16=fp16,
-                            max_batch_size=max_batch_size, log=click.echo)
+        if diffusers_dir is not None:
+            if fp16:
+                raise UserError("--fp16 is not supported with --from-diffusers yet")
+            from trainer.from_diffusers import export_from_diffusers
+
+            path = export_from_diffusers(diffusers_dir, name, repo=repo, version=version, opset=opset,
+                                         null_class=null_class, guidance=guidance, max_batch_size=max_batch_size,
+                                         log=click.echo)
+        else:
+            path = export_model(run_dir, name, repo=repo, version=version, opset=opset, fp16=fp16,
+                                max_batch_size=max_batch_size, log=click.echo)
     except (*_user_errors(), ExportError) as e:
         raise UserError(str(e)) from None
     click.echo(f"exported {path}")
+
+
+@cli.command("import")
+@click.argument("graph", type=click.Path())  # checked by the importer: a missing file is one line, not click's usage
+@click.option("--name", required=True, help="Model name in the repository ([a-z0-9][a-z0-9._-]*); served over OIP "
+              "as NAME.model.")
+@click.option("--version", "version", type=int, help="Version number. [default: the next free one]")
+@click.option("--repo", default="exported", show_default=True, help="The model repository folder.")
+@click.option("--batch/--no-batch", "batch", default=None,
+              help="Serve the first dimension as a batch axis (merging requests) or the graph as it is. "
+              "[default: batched when every input and output has a dynamic first dimension]")
+@click.option("--max-batch-size", type=int, help="Serving default of a batched graph. [default: 64]")
+def import_cmd(graph, name, version, repo, batch, max_batch_size):
+    """Import a plain ONNX graph as REPO/NAME/VERSION/ (model.onnx plus manifest.json), served over OIP v2.
+
+    Inputs and outputs come from the graph (float32, float16 and int64 tensors). Refuses a file that onnx.checker
+    (full check) refuses or that fails one onnxruntime run on random inputs; nothing is written then.
+    """
+    from serve.manifest import ManifestError
+    from trainer.onnx_import import GraphImportError, import_graph
+
+    try:
+        path = import_graph(graph, name, repo=repo, version=version, batch=batch, max_batch_size=max_batch_size,
+                            log=click.echo)
+    except (GraphImportError, ManifestError, OSError) as e:
+        raise UserError(str(e)) from None
+    click.echo(f"imported {path}: serve it with `gen serve --repo {repo}`, infer {name}.model over OIP")
 
 
 @cli.command("models")
@@ -271,7 +319,7 @@ def models_cmd(repo, verify, triton_out):
 @click.option("--sweep", "sweep_steps", help="Diffusion: score every sampler at these step counts (e.g. 5,10,20,50) "
               "instead of one setting; with --json, settings already in the file are kept (a rerun resumes).")
 def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, sweep_steps):
-    """Score MODELS (default: every model in --repo) through the serving runtime.
+    """Score MODELS (default: every trained model in --repo; not imported graphs) through the serving runtime.
 
     Generators: Frechet distance in the feature space of a classifier trained on the training split,
     next to the real-vs-real baseline, and per-class accuracy of conditional samples; VAE also the
@@ -291,7 +339,8 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, 
     root = Path(repo)
     if not root.is_dir():
         raise UserError(f"--repo {repo}: no such folder; export a model with `gen export RUN_DIR --name NAME`")
-    names = list(models) or sorted({e.name for e in scan_repository(root) if e.healthy})
+    names = list(models) or sorted({e.name for e in scan_repository(root)  # imported graphs have nothing to score
+                                    if e.healthy and not FAMILIES[e.manifest.family].imported})
     if not names:
         raise UserError(f"--repo {repo}: no healthy models to evaluate")
     config = EvalConfig(n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance)
@@ -563,15 +612,29 @@ def translate_cmd(server, model, version, timeout, output, images, direction, **
               help=f"Diffusion sampler. [default: the server's, {DEFAULT_SAMPLER}]")
 @click.option("--steps", type=int, help=f"Diffusion steps. [default: the server's, {DEFAULT_STEPS}]")
 @click.option("--eta", type=float, help="DDIM eta (0 deterministic, 1 DDPM-like).")
-def generate_cmd(server, model, version, timeout, output, n, seed, labels, guidance, sampler, steps, eta, **security):
-    """Run a diffusion model with streamed progress and write the images as a PNG grid."""
+@click.option("--init", "init", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Image-to-image: start from this image (PNG/JPEG of the model's size); repeat for one per image.")
+@click.option("--strength", type=float, help="With --init: how far to noise it, in (0, 1]. [default: 1]")
+@click.option("--mask", "mask", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Inpainting, with --init: white = regenerate, black = keep the init image; repeat for one per "
+              "image.")
+def generate_cmd(server, model, version, timeout, output, n, seed, labels, guidance, sampler, steps, eta, init,
+                 strength, mask, **security):
+    """Run a diffusion model with streamed progress and write the images as a PNG grid; with --init, image-to-image
+    (and with --mask, inpainting) from your images."""
+    from pathlib import Path
+
     from serve.client import Images, save_grid
 
+    if (strength is not None or mask) and not init:
+        raise UserError("--strength and --mask need --init IMAGE (the image to start from)")
     result = None
     terminal = sys.stderr.isatty()  # a bar redrawn in place; elsewhere (logs, pipes) one line per step
     with _rpc_errors(server), _connect(server, timeout, security) as client:
         for event in client.generate(model, n=n, seed=seed, labels=_labels(labels), guidance=guidance,
-                                     sampler=sampler, steps=steps, eta=eta, version=version):
+                                     sampler=sampler, steps=steps, eta=eta, version=version,
+                                     init=[Path(p).read_bytes() for p in init] or None, strength=strength,
+                                     mask=[Path(p).read_bytes() for p in mask] or None):
             if isinstance(event, Images):
                 result = event
             else:
@@ -615,7 +678,7 @@ EXTRA_OF = {**dict.fromkeys(("torch", "onnxscript", "onnxconverter_common", "mlx
                             "train"),
             **dict.fromkeys(("onnxruntime", "onnx", "grpc", "grpc_health", "grpc_reflection", "google", "aiohttp",
                              "prometheus_client"), "serve"),
-            "matplotlib": "bench", "diffusers": "dev", "tritonclient": "dev"}
+            "matplotlib": "bench", "diffusers": "diffusers", "safetensors": "diffusers", "tritonclient": "dev"}
 
 
 def main() -> None:

@@ -151,7 +151,7 @@ class DecodeRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., z: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "version", "n", "seed", "labels", "guidance", "sampler", "steps", "eta", "preview_every", "format")
+    __slots__ = ("model", "version", "n", "seed", "labels", "guidance", "sampler", "steps", "eta", "preview_every", "format", "init_images", "init_tensor", "strength", "mask_images", "mask_tensor")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,11 @@ class GenerateRequest(_message.Message):
     ETA_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    INIT_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    MASK_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MASK_TENSOR_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     n: int
@@ -174,7 +179,12 @@ class GenerateRequest(_message.Message):
     eta: float
     preview_every: int
     format: ImageFormat
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., guidance: _Optional[float] = ..., sampler: _Optional[str] = ..., steps: _Optional[int] = ..., eta: _Optional[float] = ..., preview_every: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+    init_images: _containers.RepeatedScalarFieldContainer[bytes]
+    init_tensor: Tensor
+    strength: float
+    mask_images: _containers.RepeatedScalarFieldContainer[bytes]
+    mask_tensor: Tensor
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., guidance: _Optional[float] = ..., sampler: _Optional[str] = ..., steps: _Optional[int] = ..., eta: _Optional[float] = ..., preview_every: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., init_images: _Optional[_Iterable[bytes]] = ..., init_tensor: _Optional[_Union[Tensor, _Mapping]] = ..., strength: _Optional[float] = ..., mask_images: _Optional[_Iterable[bytes]] = ..., mask_tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step", "total", "png", "tensor")

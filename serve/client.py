@@ -176,11 +176,17 @@ class GenClient:
     def generate(self, model: str, n: int = 4, seed: int | None = None, labels: Iterable[int] = (),
                  guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
                  eta: float | None = None,
-                 preview_every: int = 0, version: int = 0) -> Iterator[ProgressEvent | Images]:
-        """Streams ProgressEvent per step, then the final Images. Closing the iterator cancels the request."""
+                 preview_every: int = 0, version: int = 0, init: Iterable[bytes | np.ndarray] | None = None,
+                 strength: float | None = None,
+                 mask: Iterable[bytes | np.ndarray] | None = None) -> Iterator[ProgressEvent | Images]:
+        """Streams ProgressEvent per step, then the final Images. Closing the iterator cancels the request.
+
+        Image-to-image: `init`, one image for all or one per image (PNG bytes or uint8 HWC arrays), and `strength`
+        in (0, 1]; inpainting: also `mask` (one-channel PNG bytes or uint8 HW arrays, white = regenerate)."""
         req = pb.GenerateRequest(model=model, version=version, n=n, seed=seed, labels=list(labels),
                                  guidance=guidance, sampler=sampler, steps=steps, eta=eta,
-                                 preview_every=preview_every)
+                                 preview_every=preview_every, strength=strength,
+                                 init_images=_image_bytes(init or []), mask_images=_image_bytes(mask or []))
         stream = self.stub.Generate(req, timeout=self.timeout, metadata=self.metadata)
         try:
             for event in stream:

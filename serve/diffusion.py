@@ -13,8 +13,17 @@ requested previews are copied back.
 
 Per row (sample i of a request with seed s):
   * rng = np.random.default_rng(np.random.SeedSequence([s, i])); x_T is its first draw, then, for samplers that
-    use noise, one draw per step in step order, so a row's result depends on nothing but its own parameters;
+    use noise and for inpainting, one draw per step in step order, so a row's result depends on nothing but its
+    own parameters;
   * its request's plan (one update matrix per step), its position in the (t, t_prev) pairs of the schedule's grid.
+
+Image-to-image (SDEdit, diffusers' img2img): a row with a known image starts at the first of its pairs
+(`start_grid`: the last `steps` steps of a longer grid, the first near strength x T) from
+x = alpha known + sigma x_T. Inpainting (RePaint's replacement, without its resampling) also keeps a mask: after
+every step, where the mask is 0 the new sample is the known image noised to the step's end with that step's draw,
+alpha' known + sigma' noise (the sampler's own noise, if it draws any, falls only where the mask is 1), so the
+final image equals the known image there. The known image and mask live in the row's slot on the device with its
+sampler state; plain, image-to-image and inpainting rows share every iteration.
 
 Like the batcher, the loop is a thread (every iteration is a blocking run) and talks to callers through a
 `deliver` callback, so asyncio handlers and synchronous code use it alike.
@@ -34,6 +43,20 @@ from serve.batcher import Stats
 from serve.errors import Cancelled, DeadlineExceeded, Internal, ResourceExhausted, ServeError, Unavailable
 from serve.samplers import NoiseSchedule, Sampler, padded_plan
 from serve.samplers.schedule import timestep_pairs  # noqa: F401 - the discrete rule, imported from here by others
+
+
+def start_grid(schedule: NoiseSchedule, steps: int, strength: float) -> list[tuple]:
+    """Image-to-image's (t, t_prev) pairs: the last `steps` of the grid of N steps, N the least with
+    int(N strength) = steps. That is diffusers' img2img with num_inference_steps N (it runs int(N strength) steps
+    from index N - int(N strength)), so the request's step count is what runs and the start is near strength x T."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    n = steps
+    while int(n * strength) < steps:
+        n += 1
+    if n > schedule.T:
+        raise ValueError(f"{steps} steps at strength {strength} need a grid of {n} > {schedule.T} steps")
+    return schedule.pairs(n)[n - steps:]
 
 
 def row_rng(seed: int, index: int) -> np.random.Generator:
@@ -74,7 +97,8 @@ class GenerationRequest:
 
     def __init__(self, seq: int, seed: int, labels: np.ndarray, guidance: float, eta: float, sampler: type[Sampler],
                  steps: int, schedule: NoiseSchedule, state_size: int, preview_every: int, deadline: float | None,
-                 deliver: Callable[[object], None]):
+                 deliver: Callable[[object], None], init: np.ndarray | None = None, strength: float = 1.0,
+                 mask: np.ndarray | None = None):
         self.seq = seq
         self.seed = seed
         self.labels = np.asarray(labels, np.int64)
@@ -82,11 +106,18 @@ class GenerationRequest:
         self.eta = float(eta)
         self.sampler = sampler
         self.steps = steps
-        self.pairs = schedule.pairs(steps)
+        # image-to-image: the last `steps` steps of a longer grid, starting near strength x T (see start_grid)
+        self.init, self.mask, self.strength = init, mask, float(strength)
+        self.pairs = start_grid(schedule, steps, strength) if init is not None else schedule.pairs(steps)
+        if init is not None:  # x_T = a init + s noise at the first step's time (diffusers' add_noise)
+            self.start = (schedule.alpha(self.pairs[0][0]), schedule.sigma(self.pairs[0][0]))
+        # inpainting: after each step the kept pixels are the known image noised to that step's end
+        self.blend = np.array([(schedule.alpha(tp), schedule.sigma(tp)) for _, tp in self.pairs], np.float32) \
+            if mask is not None else None
         self.plan = padded_plan(sampler, schedule, self.pairs, self.eta, state_size)  # [steps, S, S + 2]
-        clip = 1.0 if sampler.clip_x0 else 0.0
+        clip = schedule.clip_range if sampler.clip_x0 else 0.0  # x0 clipped to [-clip, clip]; 0: not
         self.conv = np.array([(*schedule.to_x0(t), clip) for t, _ in self.pairs], np.float32)  # [steps, 3]
-        self.noisy = sampler.uses_noise(self.eta)
+        self.noisy = sampler.uses_noise(self.eta) or mask is not None  # inpainting noises the kept pixels
         self.preview_every = preview_every
         self.deadline = deadline
         self.deliver = deliver
@@ -145,11 +176,14 @@ class DiffusionScheduler:
 
     def submit(self, *, seed: int, labels: np.ndarray, guidance: float, eta: float, sampler: type[Sampler],
                steps: int, deliver: Callable[[object], None], preview_every: int = 0,
-               deadline: float | None = None) -> GenerationRequest:
-        """Add a request (already validated); its events go to `deliver`: Progress..., then Done or an error."""
+               deadline: float | None = None, init: np.ndarray | None = None, strength: float = 1.0,
+               mask: np.ndarray | None = None) -> GenerationRequest:
+        """Add a request (already validated); its events go to `deliver`: Progress..., then Done or an error.
+        `init` [n, C, H, W] (image-to-image, and the known image of inpainting), `strength` in (0, 1], `mask`
+        [n, C, H, W] of 0 (keep) and 1 (regenerate)."""
         # the plan (a matrix per step) is computed outside the lock: the loop keeps running meanwhile
         req = GenerationRequest(0, seed, labels, guidance, eta, sampler, steps, self.schedule,
-                                self.session.state_size, preview_every, deadline, deliver)
+                                self.session.state_size, preview_every, deadline, deliver, init, strength, mask)
         req.rows = [_Row(req, i) for i in range(req.n)]
         with self._cond:
             if self._closed:
@@ -192,9 +226,7 @@ class DiffusionScheduler:
                 admit = self._to_admit()
             try:
                 if admit:
-                    self.session.admit(np.array([r.slot for r in admit]),
-                                       np.stack([r.rng.standard_normal(self.session.image_shape, dtype=np.float32)
-                                                 for r in admit]))
+                    self._admit(admit)
                 with self._cond:
                     rows = self._pick()
                 if rows:
@@ -239,6 +271,23 @@ class DiffusionScheduler:
                         return rows
         return rows
 
+    def _admit(self, rows: list[_Row]) -> None:
+        """Upload new rows' start: x_T (each row's first draw), noised from its known image for image-to-image;
+        the known image and mask for the rows that have them."""
+        x = np.stack([r.rng.standard_normal(self.session.image_shape, dtype=np.float32) for r in rows])
+        known = mask = None
+        if any(r.request.init is not None for r in rows):
+            known = np.zeros_like(x)
+            for k, r in enumerate(rows):
+                if r.request.init is not None:
+                    a, s = r.request.start
+                    known[k] = r.request.init[r.index]
+                    x[k] = np.float32(a) * known[k] + np.float32(s) * x[k]
+        if any(r.request.mask is not None for r in rows):
+            mask = np.stack([r.request.mask[r.index] if r.request.mask is not None
+                             else np.ones(self.session.image_shape, np.float32) for r in rows])
+        self.session.admit(np.array([r.slot for r in rows]), x, known, mask)
+
     def _step(self, rows: list[_Row]) -> None:
         t0 = time.perf_counter_ns()
         requests = list({id(r.request): r.request for r in rows}.values())
@@ -260,7 +309,9 @@ class DiffusionScheduler:
                 guidance=np.array([r.request.guidance for r in rows], np.float32),
                 conv=np.stack([r.request.conv[r.pos] for r in rows]),
                 coef=np.stack([r.request.plan[r.pos] for r in rows]),
-                noise=noise)
+                noise=noise,
+                blend=np.stack([r.request.blend[r.pos] if r.request.blend is not None else (0.0, 0.0)
+                                for r in rows]).astype(np.float32))
             t1 = time.perf_counter_ns()
             for row in rows:
                 row.pos += 1

@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SAMPLE, TRANSLATE, DENOISE = "sample", "translate", "denoise"  # the tasks (gen.v1: Sample, Translate, Generate)
+GRAPH = "graph"  # the task of a plain graph: tensors in, tensors out, served over OIP only (no gen.v1 task)
 GAUSSIAN = "gaussian"  # a latent kind (FamilySpec.latent)
 
 
 @dataclass(frozen=True, kw_only=True)
 class FamilySpec:
     name: str
-    task: str  # SAMPLE: z [, label] -> image; TRANSLATE: image -> image; DENOISE: a diffusion denoiser
-    data_kind: str  # trainer.data's kind: "images", "paired" or "unpaired"
+    task: str  # SAMPLE: z [, label] -> image; TRANSLATE: image -> image; DENOISE: a diffusion denoiser; GRAPH
+    data_kind: str  # trainer.data's kind: "images", "paired" or "unpaired"; "" for an imported family
     graphs: frozenset[str]  # the graphs every export ships
     legacy_graphs: frozenset[str] = frozenset()  # accepted in older exports, not needed any more
     generator: str | None = None  # SAMPLE: the graph that draws images from latents (and labels)
@@ -27,6 +28,14 @@ class FamilySpec:
     # DENOISE: x_t, t [, label] -> the network's output; the manifest's `diffusion` section says what t and the
     # output are (schedule, prediction: serve/samplers/schedule.py), so samplers and the loop need nothing else
     denoiser: str | None = None
+    # written by `gen import` (trainer/onnx_import.py) from a plain ONNX graph, not trained: no trainer file, no
+    # image section, tensors and batching as the graph declares them (serving.max_batch_size 0: unbatched)
+    imported: bool = False
+
+    @property
+    def images(self) -> bool:
+        """Its models take or make images: the manifest has an `image` section, gen.v1 has a task for them."""
+        return self.task != GRAPH
 
 
 FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (
@@ -42,7 +51,9 @@ FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (
     FamilySpec(name="diffusion", task=DENOISE, data_kind="images", graphs=frozenset({"denoiser"}),
                legacy_graphs=frozenset({"step"}), denoiser="denoiser"),  # "step": the pre-registry sampler graph
     FamilySpec(name="flow", task=DENOISE, data_kind="images", graphs=frozenset({"denoiser"}), denoiser="denoiser"),
+    FamilySpec(name="onnx", task=GRAPH, data_kind="", graphs=frozenset({"model"}), imported=True),
 )}
+IMPORTED = next(f for f in FAMILIES.values() if f.imported)  # the family `gen import` writes
 
 
 def family_spec(name: str) -> FamilySpec:

@@ -6,7 +6,7 @@ import numpy as np
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 from serve.errors import InvalidArgument
-from serve.images import decode_for, encode_pngs
+from serve.images import decode_for, decode_images, encode_pngs
 from serve.status import deadline_of, rpc
 from serve.wire import tensor_from_pb, tensor_to_pb
 
@@ -27,6 +27,31 @@ def _images_in(request, manifest, max_images: int, field: str = "images") -> np.
     if not blobs:
         raise InvalidArgument(f"{field}: no images given")
     return decode_for(manifest, blobs)
+
+
+def _known_in(request, runtime) -> dict:
+    """Generate's image-to-image and inpainting fields as the runtime takes them (float32 NCHW): init images in the
+    model's range, masks 1 = regenerate."""
+    out = {}
+    fields = {"init": ("init_images", "init_tensor"), "mask": ("mask_images", "mask_tensor")}
+    for key, (blobs_field, tensor_field) in fields.items():
+        blobs = list(getattr(request, blobs_field))
+        if blobs and request.HasField(tensor_field):
+            raise InvalidArgument(f"{blobs_field}: give either {blobs_field} or {tensor_field}, not both")
+        if len(blobs) > runtime.max_n:  # before decoding any of them
+            raise InvalidArgument(f"{blobs_field}: at most {runtime.max_n} images per request, got {len(blobs)}")
+        if request.HasField(tensor_field):
+            out[key] = tensor_from_pb(getattr(request, tensor_field), tensor_field)
+        elif blobs:
+            if key == "mask":  # one channel, white = regenerate
+                m = runtime.manifest(request.model, _version(request)).image
+                pixels = decode_images(blobs, 1, m["height"], m["width"], (0.0, 1.0), field=blobs_field)
+                out[key] = (pixels >= 0.5).astype(np.float32)
+            else:
+                out[key] = decode_for(runtime.manifest(request.model, _version(request)), blobs, field=blobs_field)
+    if request.HasField("strength"):
+        out["strength"] = request.strength
+    return out
 
 
 def _images_out(result, fmt: int, model: str) -> pb.ImagesResponse:
@@ -108,7 +133,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             request.model, _n(request), seed=_optional(request, "seed"), labels=list(request.labels) or None,
             guidance=_optional(request, "guidance"), sampler=request.sampler or None, steps=request.steps or None,
             eta=_optional(request, "eta"), preview_every=request.preview_every, version=_version(request),
-            deadline=deadline_of(context))
+            deadline=deadline_of(context), **_known_in(request, self.runtime))
         async for event in events:
             if event.kind == "progress":
                 progress = pb.Progress(step=event.step, total=event.total)

@@ -62,12 +62,12 @@ def encode_pngs(images: np.ndarray, value_range: Sequence[float] = RANGE) -> lis
 
 
 def decode_image(data: bytes, channels: int, height: int, width: int, index: int = 0,
-                 value_range: Sequence[float] = RANGE, resize: bool = False) -> np.ndarray:
+                 value_range: Sequence[float] = RANGE, resize: bool = False, field: str = "images") -> np.ndarray:
     """PNG/JPEG/... bytes -> float32 CHW with the model's channels (converted: grey <-> RGB, alpha dropped).
 
     A size other than height x width is an InvalidArgument unless `resize` (bilinear, no crop).
     """
-    where = f"images[{index}]"
+    where = f"{field}[{index}]"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -88,18 +88,19 @@ def decode_image(data: bytes, channels: int, height: int, width: int, index: int
 
 
 def decode_images(blobs: Sequence[bytes], channels: int, height: int, width: int,
-                  value_range: Sequence[float] = RANGE, resize: bool = False) -> np.ndarray:
-    """A list of encoded images -> float32 NCHW."""
+                  value_range: Sequence[float] = RANGE, resize: bool = False, field: str = "images") -> np.ndarray:
+    """A list of encoded images -> float32 NCHW; errors name `field`."""
     if not blobs:
-        raise InvalidArgument("images: need at least one image")
-    return np.stack([decode_image(b, channels, height, width, i, value_range, resize)
+        raise InvalidArgument(f"{field}: need at least one image")
+    return np.stack([decode_image(b, channels, height, width, i, value_range, resize, field)
                      for i, b in enumerate(blobs)])
 
 
-def decode_for(manifest, blobs: Sequence[bytes], resize: bool = False) -> np.ndarray:
+def decode_for(manifest, blobs: Sequence[bytes], resize: bool = False, field: str = "images") -> np.ndarray:
     """decode_images with the channels, size and range of a manifest's `image` spec."""
     spec = manifest.image
-    return decode_images(blobs, spec["channels"], spec["height"], spec["width"], spec.get("range", RANGE), resize)
+    return decode_images(blobs, spec["channels"], spec["height"], spec["width"], spec.get("range", RANGE), resize,
+                         field)
 
 
 def grid(images: np.ndarray, ncol: int | None = None, padding: int = 2, pad_value: float = -1.0) -> np.ndarray:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from serve.families import DENOISE, FAMILIES
-from serve.samplers.schedule import PREDICTIONS, SCHEDULES
+from serve.samplers.schedule import FLOW_SCHEDULES, PREDICTIONS, SCHEDULES, SPACINGS
 
 FORMAT = "gen.manifest/1"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -60,7 +61,7 @@ class Manifest:
     task: str
     opset: int
     graphs: dict[str, GraphInfo]
-    image: dict  # channels, height, width, range [lo, hi], to_uint8
+    image: dict  # channels, height, width, range [lo, hi], to_uint8; empty for a family without images
     classes: tuple[str, ...]
     serving: dict  # max_batch_size, max_queue_delay_ms
     provenance: dict
@@ -71,6 +72,12 @@ class Manifest:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def batched(self) -> bool:
+        """The graphs' first axis is a batch axis the server may merge requests along (Triton's max_batch_size > 0);
+        False only for an imported graph that declares none: its shapes are whole tensors, one request per run."""
+        return int(self.serving["max_batch_size"]) > 0
 
     @functools.cached_property  # read on every OIP request (resolve_graph)
     def served_graphs(self) -> dict[str, GraphInfo]:
@@ -90,9 +97,17 @@ class Manifest:
         return (self.student or {}).get("samplers", {}).get(str(steps))
 
     @property
+    def null_class(self) -> bool:
+        """A conditional denoising model that knows the null class K = len(classes) (diffusion.null_label): it can
+        be guided (classifier-free guidance) and asked for label -1. gen's own models always do; a model from
+        elsewhere only when its export named one."""
+        return bool(self.classes) and (self.diffusion or {}).get("null_label", self.num_classes) is not None
+
+    @property
     def default_guidance(self) -> float:
-        """The guidance scale a Generate request without one gets: the training-time value (1 when unconditional)."""
-        return float(self.raw.get("config", {}).get("guidance", 3.0)) if self.classes else 1.0
+        """The guidance scale a Generate request without one gets: the training-time value (1 when unconditional
+        or without a null class)."""
+        return float(self.raw.get("config", {}).get("guidance", 3.0)) if self.null_class else 1.0
 
 
 def _get(d: dict, key: str, kind, where: str):
@@ -105,7 +120,9 @@ def _get(d: dict, key: str, kind, where: str):
     return value
 
 
-def _tensor(d: dict, where: str) -> TensorInfo:
+def _tensor(d: dict, where: str, batched: bool = True) -> TensorInfo:
+    """One input or output; `batched`: its first axis is the batch axis (dynamic), else the shape is the whole
+    tensor's (an unbatched imported graph, serving.max_batch_size 0)."""
     if not isinstance(d, dict):
         raise ManifestError(f"{where}: expected an object")
     name = _get(d, "name", str, where)
@@ -115,7 +132,7 @@ def _tensor(d: dict, where: str) -> TensorInfo:
     shape = _get(d, "shape", list, where)
     if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and (s == -1 or s > 0) for s in shape):
         raise ManifestError(f"{where}.shape: expected a non-empty list of positive ints or -1")
-    if shape[0] != -1:
+    if batched and shape[0] != -1:
         raise ManifestError(f"{where}.shape: the batch axis (first) must be dynamic (-1)")
     return TensorInfo(name, dtype, tuple(shape))
 
@@ -143,6 +160,13 @@ def parse_manifest(d: dict) -> Manifest:
     spec = FAMILIES[family]
     if not spec.graphs <= set(graphs_raw) <= spec.graphs | spec.legacy_graphs:
         raise ManifestError(f"graphs: {family} needs exactly {sorted(spec.graphs)}, got {sorted(graphs_raw)}")
+    serving = _get(d, "serving", dict, "manifest")
+    mbs = _get(serving, "max_batch_size", int, "serving")
+    if spec.imported and mbs < 0:  # 0, as in Triton: no batch axis, the shapes are the whole tensors'
+        raise ManifestError("serving.max_batch_size: must be >= 0 (0: the graph is not batched)")
+    if not spec.imported and mbs < 1:
+        raise ManifestError("serving.max_batch_size: must be >= 1")
+    batched = mbs > 0
     graphs = {}
     for gname, g in graphs_raw.items():
         where = f"graphs.{gname}"
@@ -154,8 +178,10 @@ def parse_manifest(d: dict) -> Manifest:
         sha = _get(g, "sha256", str, where)
         if not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise ManifestError(f"{where}.sha256: not a hex SHA-256")
-        inputs = tuple(_tensor(t, f"{where}.inputs[{i}]") for i, t in enumerate(_get(g, "inputs", list, where)))
-        outputs = tuple(_tensor(t, f"{where}.outputs[{i}]") for i, t in enumerate(_get(g, "outputs", list, where)))
+        inputs = tuple(_tensor(t, f"{where}.inputs[{i}]", batched)
+                       for i, t in enumerate(_get(g, "inputs", list, where)))
+        outputs = tuple(_tensor(t, f"{where}.outputs[{i}]", batched)
+                        for i, t in enumerate(_get(g, "outputs", list, where)))
         if not inputs or not outputs:
             raise ManifestError(f"{where}: needs at least one input and one output")
         fp16 = g.get("fp16")
@@ -165,21 +191,19 @@ def parse_manifest(d: dict) -> Manifest:
         graphs[gname] = GraphInfo(gname, file, sha, inputs, outputs,
                                   fp16["file"] if fp16 else None, fp16["sha256"] if fp16 else None,
                                   g.get("parity", {}))
-    image = _get(d, "image", dict, "manifest")
-    for key in ("channels", "height", "width"):
-        _get(image, key, int, "image")
-    if image["channels"] not in (1, 3):
-        raise ManifestError("image.channels: must be 1 or 3")
-    rng = _get(image, "range", list, "image")
-    if len(rng) != 2 or not all(isinstance(v, (int, float)) for v in rng) or rng[0] >= rng[1]:
-        raise ManifestError("image.range: expected [low, high] with low < high")
+    image = {}  # none for a family whose task has no images (an imported graph)
+    if spec.images:
+        image = _get(d, "image", dict, "manifest")
+        for key in ("channels", "height", "width"):
+            _get(image, key, int, "image")
+        if image["channels"] not in (1, 3):
+            raise ManifestError("image.channels: must be 1 or 3")
+        rng = _get(image, "range", list, "image")
+        if len(rng) != 2 or not all(isinstance(v, (int, float)) for v in rng) or rng[0] >= rng[1]:
+            raise ManifestError("image.range: expected [low, high] with low < high")
     classes = _get(d, "classes", list, "manifest")
     if not all(isinstance(c, str) for c in classes):
         raise ManifestError("classes: expected a list of strings")
-    serving = _get(d, "serving", dict, "manifest")
-    mbs = _get(serving, "max_batch_size", int, "serving")
-    if mbs < 1:
-        raise ManifestError("serving.max_batch_size: must be >= 1")
     provenance = _get(d, "provenance", dict, "manifest")
     diffusion = d.get(DENOISING)
     if FAMILIES[family].task == DENOISE:
@@ -190,8 +214,13 @@ def parse_manifest(d: dict) -> Manifest:
                                 f"{', '.join(PREDICTIONS)}")
         if _get(diffusion, "schedule", str, "diffusion") not in SCHEDULES:
             raise ManifestError(f"diffusion.schedule: {diffusion['schedule']!r} is not one of {', '.join(SCHEDULES)}")
-        if _get(diffusion, "timestep_spacing", str, "diffusion") != "trailing":
-            raise ManifestError("diffusion.timestep_spacing: only 'trailing' is supported")
+        if _get(diffusion, "timestep_spacing", str, "diffusion") not in SPACINGS:
+            raise ManifestError(f"diffusion.timestep_spacing: {diffusion['timestep_spacing']!r} is not one of "
+                                f"{', '.join(SPACINGS)}")
+        _check_schedule_options(diffusion)
+        if diffusion.get("null_label", len(classes)) not in (None, len(classes)):
+            raise ManifestError(f"diffusion.null_label: the null class is the last label, {len(classes)} "
+                                f"(len(classes)), or null for none; got {diffusion['null_label']!r}")
         if "student" in diffusion:
             student = _get(diffusion, "student", dict, "diffusion")
             steps = _get(student, "steps", list, "diffusion.student")
@@ -204,6 +233,35 @@ def parse_manifest(d: dict) -> Manifest:
                 raise ManifestError("diffusion.student.default_steps: must be one of diffusion.student.steps")
     return Manifest(name, version, family, task, opset, graphs, image, tuple(classes), serving, provenance,
                     diffusion, d.get("parity", {}), raw=d)
+
+
+def _number(d: dict, key: str, default: float) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ManifestError(f"diffusion.{key}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_schedule_options(d: dict) -> None:
+    """The optional keys a model from elsewhere carries (`gen export --from-diffusers`); gen's own training's
+    values when left out: betas 1e-4..0.02, steps_offset 0, clip_sample true in [-1, 1], null_label K."""
+    start, end = _number(d, "beta_start", 1e-4), _number(d, "beta_end", 0.02)
+    if not 0 < start <= end < 1:
+        raise ManifestError(f"diffusion.beta_start, beta_end: need 0 < beta_start <= beta_end < 1, got {start}, {end}")
+    offset = d.get("steps_offset", 0)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ManifestError(f"diffusion.steps_offset: expected an int >= 0, got {offset!r}")
+    if not isinstance(d.get("clip_sample", True), bool):
+        raise ManifestError("diffusion.clip_sample: expected true or false")
+    if _number(d, "clip_sample_range", 1.0) <= 0:
+        raise ManifestError("diffusion.clip_sample_range: must be > 0")
+    null = d.get("null_label")
+    if null is not None and (isinstance(null, bool) or not isinstance(null, int) or null < 0):
+        raise ManifestError(f"diffusion.null_label: expected a class index or null, got {null!r}")
+    if d["schedule"] in FLOW_SCHEDULES and d["prediction"] in ("eps", "v"):
+        # x0 = (x - sigma eps) / alpha, and a flow starts at alpha = 0
+        raise ManifestError(f"diffusion.prediction: {d['prediction']!r} cannot be sampled on a flow schedule "
+                            "(alpha is 0 at its start); use velocity or sample")
 
 
 def file_sha256(path: Path) -> str:

@@ -96,15 +96,19 @@ def model_metadata(runtime, name: str, version: str) -> pb.ModelMetadataResponse
 
 def model_config(runtime, name: str, version: str) -> mc.ModelConfig:
     handle = runtime.graph(name, parse_version(version))
-    # as `gen models --triton` writes it: no batch axis, and a per-row scalar ([B]) declared [1], reshaped to []
-    return mc.ModelConfig(
+    # as `gen models --triton` writes it: no batch axis, and a per-row scalar ([B]) declared [1], reshaped to [];
+    # an unbatched graph (max_batch_size 0): its whole shapes, and no dynamic batching
+    batched = handle.manifest.batched
+    config = mc.ModelConfig(
         name=name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=handle.max_batch_size,
-        input=[tensor_config(t, mc.ModelInput()) for t in handle.info.inputs],
-        output=[tensor_config(t, mc.ModelOutput()) for t in handle.info.outputs],
-        dynamic_batching=mc.ModelDynamicBatching(
-            max_queue_delay_microseconds=int(handle.max_queue_delay_ms * 1000),
-            default_queue_policy=mc.ModelQueuePolicy(max_queue_size=handle.max_queue_size)),
+        input=[tensor_config(t, mc.ModelInput(), batched) for t in handle.info.inputs],
+        output=[tensor_config(t, mc.ModelOutput(), batched) for t in handle.info.outputs],
         version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)))
+    if batched:
+        config.dynamic_batching.CopyFrom(mc.ModelDynamicBatching(
+            max_queue_delay_microseconds=int(handle.max_queue_delay_ms * 1000),
+            default_queue_policy=mc.ModelQueuePolicy(max_queue_size=handle.max_queue_size)))
+    return config
 
 
 def model_statistics(runtime, name: str, version: str) -> pb.ModelStatisticsResponse:

@@ -10,8 +10,8 @@
 Every task validates its arguments first (serve/validate.py: InvalidArgument naming the field), resolves the
 model (serve.repository) and its family's spec (serve/families.py: which graph does what), then goes through
 the graph's DynamicBatcher (or, for diffusion, the model's DiffusionScheduler), so concurrent requests share
-onnxruntime runs. Applying a task to a model of the wrong family is a FailedPrecondition (as gen.v1's proto
-says: Translate on a GAN).
+onnxruntime runs. Applying a task to a model of the wrong family is an InvalidArgument naming `model` (as
+gen.v1's proto says: Translate on a GAN).
 
 Determinism: sample i of a request with seed s draws its latent (or x_T and the per-step noise) from
 np.random.default_rng(np.random.SeedSequence([s, i])), so n=4 gives the first four images of n=8 and
@@ -36,10 +36,10 @@ import numpy as np
 import onnxruntime as ort
 
 from serve.batcher import DynamicBatcher, Stats
-from serve.diffusion import DiffusionScheduler, Done, GenerationRequest, Progress, row_rng
+from serve.diffusion import DiffusionScheduler, Done, GenerationRequest, Progress, row_rng, start_grid
 from serve.errors import FailedPrecondition, InvalidArgument, NotFound, ServeError, Unavailable
 from serve.families import DENOISE, FAMILIES, GAUSSIAN, FamilySpec
-from serve.manifest import GraphInfo, Manifest
+from serve.manifest import GraphInfo, Manifest, TensorInfo
 from serve.repository import IndexEntry, ModelVersion, Repository, check_name
 from serve.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, NoiseSchedule, state_size
 from serve.session import CUDA, DenoisingSession, GraphRunner, available_threads, parse_device
@@ -48,6 +48,7 @@ from serve.validate import (
     NP_DTYPES,
     NULL_LABEL,
     check_domains,
+    check_finite,
     check_float,
     check_n,
     check_seed,
@@ -176,8 +177,8 @@ class Runtime:
         """Make a version warm before it is READY (Triton's model_warmup): every graph runs once on a zero row,
         and a denoising model's iteration graph is built around its denoiser and stepped once, so the first
         request pays for neither and a denoiser the builder refuses leaves the version UNAVAILABLE."""
-        for name, runner in mv.runners.items():
-            runner.run({t.name: np.zeros((1, *(max(d, 1) for d in t.shape[1:])), NP_DTYPES[t.dtype])
+        for name, runner in mv.runners.items():  # one row; an unbatched graph: its own shapes (dynamic dims 1)
+            runner.run({t.name: np.zeros(_zero_shape(t, mv.manifest.batched), NP_DTYPES[t.dtype])
                         for t in mv.manifest.graphs[name].inputs})
         if FAMILIES[mv.manifest.family].denoiser is None:
             return {}
@@ -237,8 +238,9 @@ class Runtime:
                            classes=[], channels=0, height=0, width=0, graphs=[], latent_size=0, state=mv.state,
                            reason=mv.reason, max_batch_size=self.max_n, samplers=[], num_train_timesteps=0)
                 if m is not None:
-                    row.update(family=m.family, task=m.task, classes=list(m.classes), channels=m.image["channels"],
-                               height=m.image["height"], width=m.image["width"], graphs=sorted(m.served_graphs))
+                    row.update(family=m.family, task=m.task, classes=list(m.classes),
+                               channels=m.image.get("channels", 0), height=m.image.get("height", 0),
+                               width=m.image.get("width", 0), graphs=sorted(m.served_graphs))
                     spec = FAMILIES[m.family]
                     if spec.generator:
                         row["latent_size"] = int(np.prod(_input(m.graphs[spec.generator], "z").shape[1:]))
@@ -333,7 +335,8 @@ class Runtime:
             b = self._batchers.get((mv, graph))
             if b is None:
                 self._check_serving(mv)
-                b = DynamicBatcher(mv.runners[graph].run, name=f"{mv.name}.{graph}", max_batch_size=self._mbs(mv),
+                run = mv.runners[graph].run if mv.manifest.batched else _one_request(mv.runners[graph].run)
+                b = DynamicBatcher(run, name=f"{mv.name}.{graph}", max_batch_size=max(self._mbs(mv), 1),
                                    max_queue_delay_ms=self._delay(mv), max_queue_size=self.max_queue_size)
                 b.stats.version = mv.version
                 self._batchers[(mv, graph)] = b
@@ -347,8 +350,7 @@ class Runtime:
                 self._check_serving(mv)
                 m = mv.manifest
                 session = mv.extras["denoising"]  # built and warmed when the version was prepared
-                schedule = NoiseSchedule.of(m.diffusion["schedule"], int(m.diffusion["num_train_timesteps"]),
-                                            m.diffusion["prediction"])
+                schedule = NoiseSchedule.from_manifest(m.diffusion)
                 s = DiffusionScheduler(session, schedule, name=mv.name, max_batch_size=self._mbs(mv),
                                        max_queue_size=self.max_queue_size)
                 s.stats.version = mv.version
@@ -384,6 +386,9 @@ class Runtime:
             raise Unavailable(f"model {mv.name!r} version {mv.version} was just reloaded or unloaded; retry")
 
     def _mbs(self, mv: ModelVersion) -> int:
+        """The version's max batch size: the server's, else its manifest's; 0 for an unbatched graph (as Triton)."""
+        if not mv.manifest.batched:
+            return 0
         return self.max_batch_size or int(mv.manifest.serving.get("max_batch_size", 64))
 
     def _delay(self, mv: ModelVersion) -> float:
@@ -392,13 +397,15 @@ class Runtime:
         return float(mv.manifest.serving.get("max_queue_delay_ms", 2.0))
 
     def _resolve(self, model: str, version: int | None, method: str) -> tuple[ModelVersion, FamilySpec]:
-        """The version a request gets and its family's spec; FailedPrecondition when the family cannot `method`."""
+        """The version a request gets and its family's spec; InvalidArgument when the family cannot `method`."""
         mv = self.repository.resolve(model, version)
         spec = FAMILIES[mv.manifest.family]
         if not CAN[method](spec):
             able = [f.name for f in FAMILIES.values() if CAN[method](f)]
-            raise FailedPrecondition(f"model: {model!r} is a {spec.name} model; {method} works on "
-                                     f"{' and '.join(able)} models")
+            oip = f"; it is served over OIP only, as {', '.join(f'{model}.{g}' for g in sorted(spec.graphs))}" \
+                if not spec.images else ""
+            raise InvalidArgument(f"model: {model!r} is a {spec.name} model; {method} works on "
+                                     f"{' and '.join(able)} models{oip}")
         return mv, spec
 
     # --- tasks -----------------------------------------------------------------------------------
@@ -459,15 +466,20 @@ class Runtime:
     async def generate(self, model: str, n: int, seed: int | None = None, labels: Sequence[int] | None = None,
                        guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
                        eta: float | None = 0.0, preview_every: int = 0, version: int | None = None,
-                       deadline: float | None = None) -> AsyncIterator[Progress | Final]:
+                       deadline: float | None = None, init: np.ndarray | None = None, strength: float | None = None,
+                       mask: np.ndarray | None = None) -> AsyncIterator[Progress | Final]:
         """Diffusion sampling: yields Progress(step, total, preview) after every step, then Final(result).
 
         guidance defaults to the model's training-time value (conditional models; ignored otherwise),
         eta None to 0. Closing the iterator or cancelling its task takes the request out of the loop
         within one step.
+
+        Image-to-image: `init` float32 [1 or n, C, H, W] in [-1, 1] and `strength` in (0, 1] (default 1): the
+        images are noised to about strength x T and `steps` steps run from there. Inpainting: also `mask`
+        [1 or n, 1 or C, H, W], 1 (>= 0.5) where to regenerate, 0 where the result keeps `init`.
         """
         mv, params = self._generation(model, n, seed, labels, guidance, sampler, steps, eta, preview_every,
-                                      version, deadline)
+                                      version, deadline, init, strength, mask)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         req = self.scheduler(mv).submit(deliver=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
@@ -493,19 +505,25 @@ class Runtime:
         if missing or extra:
             problem = (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else "")
             raise InvalidArgument(f"inputs: {name} takes {[t.name for t in info.inputs]}{problem}")
+        if not mv.manifest.batched:  # whole tensors, one run per request: a batch of one to the batcher
+            feeds = {t.name: _whole_tensor(inputs[t.name], t) for t in info.inputs}
+            outputs = await self.batcher(mv, graph).run(feeds, deadline)
+            return {k: v[0] for k, v in outputs.items()}
         feeds = {t.name: tensor_of(t.name, inputs[t.name], t, self.max_n) for t in info.inputs}
         rows = {len(v) for v in feeds.values()}
         if len(rows) != 1:
             raise InvalidArgument(f"inputs: every input of {name} needs the same batch size, got "
                                   + ", ".join(f"{k}: {len(v)}" for k, v in feeds.items()))
-        check_domains(feeds, mv.manifest)
+        if not FAMILIES[mv.manifest.family].imported:  # the label and timestep ranges of gen's own graphs
+            check_domains(feeds, mv.manifest)
         return await self.batcher(mv, graph).run(feeds, deadline)
 
     def _generation(self, model: str, n: int, seed: int | None = None, labels: Sequence[int] | None = None,
                     guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
                     eta: float | None = 0.0,
                     preview_every: int = 0, version: int | None = None,
-                    deadline: float | None = None) -> tuple[ModelVersion, dict]:
+                    deadline: float | None = None, init: np.ndarray | None = None, strength: float | None = None,
+                    mask: np.ndarray | None = None) -> tuple[ModelVersion, dict]:
         """Validate a generate request: (the model version, the scheduler's submit arguments)."""
         mv, _ = self._resolve(model, version, "generate")
         m = mv.manifest
@@ -533,14 +551,18 @@ class Runtime:
             guidance = m.default_guidance
         low, high = student.get("guidance_range", (0.0, MAX_GUIDANCE)) if student else (0.0, MAX_GUIDANCE)
         guidance = check_float("guidance", guidance, low, high)  # a student knows only the scales it was taught
+        if m.classes and not m.null_class and guidance != 1.0:
+            raise InvalidArgument(f"guidance: {m.name} has no null class (it was exported without one), so it "
+                                  f"samples only at guidance 1, got {guidance!r}")
         eta = check_float("eta", 0.0 if eta is None else eta, 0.0, 1.0)
         if not is_int(preview_every) or preview_every < 0:
             raise InvalidArgument(f"preview_every: must be an integer >= 0 (0 = no previews), got "
                                   f"{preview_every!r}")
-        labels = labels_for(labels, n, m, null=True)  # -1: the null class, an unconditional row
+        labels = labels_for(labels, n, m, null=m.null_class)  # -1: the null class, an unconditional row
+        known = _known(m, n, self.max_n, init, strength, mask, int(steps))
         return mv, dict(seed=seed, labels=labels if labels is not None else np.zeros(n, np.int64),
                         guidance=guidance, eta=eta, sampler=SAMPLERS[sampler], steps=int(steps),
-                        preview_every=int(preview_every), deadline=deadline)
+                        preview_every=int(preview_every), deadline=deadline, **known)
 
 # --- helpers ---------------------------------------------------------------------------------------
 
@@ -555,6 +577,67 @@ def _image_shape(m: Manifest) -> tuple[int, int, int]:
 
 def _or_none(labels: np.ndarray | None) -> np.ndarray:
     return NO_LABELS if labels is None else labels
+
+
+def _known(m: Manifest, n: int, max_n: int, init, strength, mask, steps: int) -> dict:
+    """Image-to-image and inpainting arguments of the scheduler's submit, checked: init [n, C, H, W], strength,
+    mask [n, C, H, W] of 0 and 1; {} for plain generation."""
+    if init is None:
+        for name, value in (("strength", strength), ("mask", mask)):
+            if value is not None:
+                raise InvalidArgument(f"{name}: needs init images (image-to-image or inpainting starts from them)")
+        return {}
+    strength = 1.0 if strength is None else check_float("strength", strength, 0.0, 1.0)
+    if strength == 0.0:
+        raise InvalidArgument("strength: must be in (0, 1]; 0 would return the init images unchanged")
+    init = _per_image("init", images_of(init, m, max_n, "init"), n)
+    try:
+        start_grid(NoiseSchedule.from_manifest(m.diffusion), steps, strength)
+    except ValueError as e:
+        raise InvalidArgument(f"strength: {e}") from None
+    out = {"init": init, "strength": strength}
+    if mask is not None:
+        C, H, W = _image_shape(m)
+        try:
+            x = np.asarray(mask, np.float32)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"mask: not an array ({e})") from None
+        if x.ndim != 4 or x.shape[1] not in (1, C) or x.shape[2:] != (H, W):
+            raise InvalidArgument(f"mask: expected [1 or n, 1, {H}, {W}] (1 = regenerate, 0 = keep), matching the "
+                                  f"images, got shape {list(x.shape)}")
+        check_finite("mask", x)
+        x = _per_image("mask", x, n)
+        out["mask"] = np.ascontiguousarray(np.broadcast_to((x >= 0.5).astype(np.float32), (n, C, H, W)))
+    return out
+
+
+def _per_image(name: str, x: np.ndarray, n: int) -> np.ndarray:
+    """One for all or one per image -> n of them."""
+    if len(x) not in (1, n):
+        raise InvalidArgument(f"{name}: give one for all images or one per image ({n}), got {len(x)}")
+    return np.ascontiguousarray(np.broadcast_to(x, (n, *x.shape[1:])), np.float32)
+
+
+def _zero_shape(t: TensorInfo, batched: bool) -> tuple[int, ...]:
+    """The warm-up input's shape: one row of a batched graph, an unbatched one's own shape; dynamic dims 1."""
+    return (1, *(max(d, 1) for d in t.shape[1:])) if batched else tuple(max(d, 1) for d in t.shape)
+
+
+def _whole_tensor(value, t: TensorInfo) -> np.ndarray:
+    """An input of an unbatched graph (max_batch_size 0), checked against its whole shape (-1 = any), with a
+    leading axis of one: the batcher then runs each request alone and as given (Triton's semantics)."""
+    try:
+        x = np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"{t.name}: not an array ({e})") from None
+    if x.ndim != len(t.shape) or any(s != -1 and s != d for s, d in zip(t.shape, x.shape)):
+        raise InvalidArgument(f"{t.name}: expected shape {list(t.shape)} (-1 = any), got {list(x.shape)}")
+    return tensor_of(t.name, x[None], TensorInfo(t.name, t.dtype, (-1, *t.shape)), 1)
+
+
+def _one_request(run: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    """An unbatched graph's run as the batcher calls it: on a batch of one request (see _whole_tensor)."""
+    return lambda feeds: {k: np.asarray(v)[None] for k, v in run({k: v[0] for k, v in feeds.items()}).items()}
 
 
 def _event(event: object, req: GenerationRequest, mv: ModelVersion) -> Progress | Final:

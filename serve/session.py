@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from serve.denoising import admit_model, iteration_model
+from serve.denoising import KNOWN, admit_model, iteration_model
 from serve.errors import FailedPrecondition
 from serve.families import FAMILIES
 from serve.manifest import GraphInfo, Manifest
@@ -188,7 +188,8 @@ class DenoisingSession:
         shape = (manifest.image["channels"], manifest.image["height"], manifest.image["width"])
 
         def iteration_on(path: Path, device: str):
-            iteration = iteration_model(onnx.load(str(path)), shape, state_size, manifest.num_classes)
+            iteration = iteration_model(onnx.load(str(path)), shape, state_size, manifest.num_classes,
+                                        manifest.null_class)
             opened = open_session(iteration.SerializeToString(), device, threads, spin,
                                   cuda_options={"enable_cuda_graph": "1"} if cuda_graphs else None,
                                   name=f"{path.name} (iteration)")
@@ -212,7 +213,7 @@ class DenoisingSession:
         self.capacity = capacity
         # a CUDA-graph run pads its rows to a bucket; padding rows point at a scratch slot past the capacity
         self.scratch = capacity
-        pool_shape = (capacity + 1, state_size, *shape)
+        pool_shape = (capacity + 1, state_size + KNOWN, *shape)  # the sampler state, the known image, the mask
         self._pool = [self._zeros(pool_shape), self._zeros(pool_shape)]
         self._cur = 0  # which pool buffer holds the current state
         self._buffers: dict[int, dict[str, ort.OrtValue]] = {}  # per batch size (bucket): outputs, zero noise
@@ -242,7 +243,8 @@ class DenoisingSession:
             if self.cuda_graphs:  # fixed addresses for every input of a captured graph
                 buf.update(slots=self._zeros((b,), np.int64), t=self._zeros((b,), self.time_dtype),
                            label=self._zeros((b,), np.int64), guidance=self._zeros((b,)),
-                           conv=self._zeros((b, 3)), coef=self._zeros((b, self.state_size, self.state_size + 2)))
+                           conv=self._zeros((b, 3)), coef=self._zeros((b, self.state_size, self.state_size + 2)),
+                           blend=self._zeros((b, 2)))
             self._buffers[b] = buf
         return buf
 
@@ -258,10 +260,16 @@ class DenoisingSession:
 
     # --- the loop's operations -------------------------------------------------------------------
 
-    def admit(self, slots: np.ndarray, x_T: np.ndarray) -> None:
-        """Write new rows' initial state (x_T, the rest zero) into their slots."""
-        values = np.zeros((len(slots), self.state_size, *self.image_shape), np.float32)
+    def admit(self, slots: np.ndarray, x_T: np.ndarray, known: np.ndarray | None = None,
+              mask: np.ndarray | None = None) -> None:
+        """Write new rows' initial state into their slots: x_T, the rest of the sampler state zero, then the known
+        image (zeros when None) and the mask (1 = regenerate; all ones when None: nothing is kept)."""
+        S = self.state_size
+        values = np.zeros((len(slots), S + KNOWN, *self.image_shape), np.float32)
         values[:, 0] = x_T
+        if known is not None:
+            values[:, S] = known
+        values[:, S + 1] = 1.0 if mask is None else mask
         binding = self.admit_session.io_binding()
         binding.bind_ortvalue_input("state", self._pool[self._cur])
         binding.bind_cpu_input("slots", np.asarray(slots, np.int64))
@@ -271,12 +279,13 @@ class DenoisingSession:
         self._cur = 1 - self._cur
 
     def step(self, slots: np.ndarray, t: np.ndarray, label: np.ndarray, guidance: np.ndarray, conv: np.ndarray,
-             coef: np.ndarray, noise: np.ndarray | None) -> IterationOutput:
+             coef: np.ndarray, noise: np.ndarray | None, blend: np.ndarray | None = None) -> IterationOutput:
         """One iteration over the rows in `slots`: their state advances on the device."""
         rows = len(slots)
         b = next(k for k in self.buckets if k >= rows) if self.cuda_graphs else rows
         feeds = {"slots": np.asarray(slots, np.int64), "t": np.asarray(t, self.time_dtype),
-                 "conv": np.asarray(conv, np.float32), "coef": np.asarray(coef, np.float32)}
+                 "conv": np.asarray(conv, np.float32), "coef": np.asarray(coef, np.float32),
+                 "blend": np.zeros((rows, 2), np.float32) if blend is None else np.asarray(blend, np.float32)}
         if self.conditional:
             feeds.update(label=np.asarray(label, np.int64), guidance=np.asarray(guidance, np.float32))
         buf = self._bucket_buffers(b)

@@ -34,11 +34,12 @@ class WrittenModel:
     path: Path  # the Triton model folder
 
 
-def tensor_config(t: TensorInfo, message):
+def tensor_config(t: TensorInfo, message, batched: bool = True):
     """Triton lists shapes without the batch axis; a tensor that is only the batch axis ([B], e.g. a label
-    per row) is declared [1] and reshaped to [] for the model, as Triton's documentation prescribes."""
+    per row) is declared [1] and reshaped to [] for the model, as Triton's documentation prescribes. An unbatched
+    graph's (max_batch_size 0) dims are its whole shape."""
     message.name, message.data_type = t.name, DATA_TYPES[t.dtype]
-    dims = list(t.shape[1:])
+    dims = list(t.shape[1:] if batched else t.shape)
     if dims:
         message.dims.extend(dims)
     else:
@@ -49,13 +50,15 @@ def tensor_config(t: TensorInfo, message):
 
 def model_config(manifest: Manifest, graph: GraphInfo) -> mc.ModelConfig:
     """The config.pbtxt message of one graph: inputs and outputs from the manifest, batching from its serving
-    defaults (max_batch_size, max_queue_delay_ms)."""
+    defaults (max_batch_size, max_queue_delay_ms; an unbatched graph: max_batch_size 0, no dynamic batching)."""
     config = mc.ModelConfig(name=f"{manifest.name}.{graph.name}", platform="onnxruntime_onnx",
                             max_batch_size=int(manifest.serving["max_batch_size"]))
     for t in graph.inputs:
-        tensor_config(t, config.input.add())
+        tensor_config(t, config.input.add(), manifest.batched)
     for t in graph.outputs:
-        tensor_config(t, config.output.add())
+        tensor_config(t, config.output.add(), manifest.batched)
+    if not manifest.batched:
+        return config
     delay_ms = float(manifest.serving.get("max_queue_delay_ms", 0))
     config.dynamic_batching.max_queue_delay_microseconds = int(round(delay_ms * 1000))
     return config

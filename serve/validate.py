@@ -135,7 +135,7 @@ def check_domains(feeds: dict[str, np.ndarray], m: Manifest) -> None:
     if "label" in feeds:
         # the diffusion graphs also take the null class K; an unconditional step graph ignores its label
         denoise = FAMILIES[m.family].task == DENOISE
-        limits["label"] = (0, k) if denoise else (0, k - 1)
+        limits["label"] = (0, k) if denoise and m.null_class else (0, k - 1)
         if denoise and not k:
             limits["label"] = (0, 0)
     if FAMILIES[m.family].task == DENOISE:

@@ -228,6 +228,8 @@ def guided_output(unet: UNet, x: torch.Tensor, t: torch.Tensor, label: torch.Ten
     student takes the scale as an input instead."""
     if not unet.num_classes:
         return unet(x, t)
+    if not getattr(unet, "null_class", True):  # a model from elsewhere without the null class: guidance 1 only
+        return unet(x, t, label)
     if unet.guidance_emb is not None:
         return unet(x, t, label, torch.full((x.shape[0],), guidance, dtype=torch.float32, device=x.device))
     null = torch.full_like(label, unet.num_classes)
@@ -255,8 +257,8 @@ def run_sampler(unet: UNet, schedule: NoiseSchedule, x_T: torch.Tensor, labels: 
         out = guided_output(unet, state[0], tt, labels, guidance)
         cx, co = schedule.to_x0(t)
         x0 = cx * state[0] + co * out
-        if s.clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
+        if s.clip_x0 and schedule.clip_range:
+            x0 = x0.clamp(-schedule.clip_range, schedule.clip_range)
         if not s.uses_noise(eta):
             noise = torch.zeros_like(x_T)
         elif noises is not None:
@@ -293,12 +295,12 @@ def served_loop_check(unet: nn.Module, num_classes: int, version_dir: Path, mani
 
     m = parse_manifest(manifest)
     d = m.diffusion
-    schedule = NoiseSchedule.of(d["schedule"], d["num_train_timesteps"], d["prediction"])
+    schedule = NoiseSchedule.from_manifest(d)
     session = DenoisingSession(version_dir, m, state_size(), capacity=batch, device="cpu")
     loop = DiffusionScheduler(session, schedule, name=m.name, max_batch_size=batch)
     k = num_classes
     labels = np.arange(batch) % max(k, 1)
-    guidance = 3.0 if k else 1.0
+    guidance = 3.0 if k and m.null_class else 1.0
     events: queue.Queue = queue.Queue()
     loop.submit(seed=7, labels=labels, guidance=guidance, eta=0.0, sampler=SAMPLERS[sampler], steps=steps,
                 deliver=events.put)

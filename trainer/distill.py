@@ -50,7 +50,7 @@ class Teacher:
     @property
     def schedule(self) -> NoiseSchedule:
         d = self.manifest[DENOISING]
-        return NoiseSchedule.of(d["schedule"], d["num_train_timesteps"], d["prediction"])
+        return NoiseSchedule.from_manifest(d)
 
     def session(self):
         import onnxruntime as ort

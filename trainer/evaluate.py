@@ -275,6 +275,9 @@ def evaluate(repo: str | Path, model: str, version: int | None = None, config: E
         except ServeError as e:
             raise EvalError(e.message) from None
         spec = FAMILIES[m.family]
+        if spec.imported:
+            raise EvalError(f"{m.name}: an imported graph ({m.family}) has no dataset or images to score; gen eval "
+                            "scores the models gen trains")
         kind = spec.data_kind
         source = m.provenance.get("dataset")
         direction = m.provenance.get("trained_with", {}).get("direction", "AtoB")

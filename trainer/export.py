@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -106,30 +107,52 @@ def next_version(model_dir: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def export_model(run_dir: str | Path, name: str, repo: str | Path = "exported", version: int | None = None,
-                 opset: int = DEFAULT_OPSET, fp16: bool = False, max_batch_size: int = 64,
-                 log=lambda msg: None) -> Path:
-    """Export, verify and publish a run as exported/<name>/<version>/; returns the version folder."""
-    if not NAME_RE.match(name):
+def check_target(name: str, version: int | None, opset: int) -> None:
+    """ConfigError naming the option when --name, --version or --opset cannot be written."""
+    if not NAME_RE.fullmatch(name):
         raise ConfigError(f"--name {name!r}: use lower-case letters, digits, '.', '_' or '-' "
                           f"(pattern {NAME_RE.pattern})")
     if version is not None and version < 1:
         raise ConfigError(f"--version {version}: versions are positive integers")
     if not 17 <= opset <= 21:
         raise ConfigError(f"--opset {opset}: use an opset from 17 to 21")
+
+
+def export_model(run_dir: str | Path, name: str, repo: str | Path = "exported", version: int | None = None,
+                 opset: int = DEFAULT_OPSET, fp16: bool = False, max_batch_size: int = 64,
+                 log=lambda msg: None) -> Path:
+    """Export, verify and publish a run as exported/<name>/<version>/; returns the version folder."""
+    check_target(name, version, opset)
     family, dataset, record = load_run(run_dir)
+
+    def manifest(version: int, graphs: dict, model_parity: dict) -> dict:
+        return _manifest(family, dataset, record, name, version, opset, graphs, model_parity, max_batch_size)
+
+    return publish(family.export_graphs(), manifest, family.export_checks, name, repo, version, opset, fp16, log)
+
+
+def publish(graphs: dict[str, ExportGraph], manifest_of: Callable[[int, dict, dict], dict],
+            checks: Callable[[Path, dict], dict], name: str, repo: str | Path = "exported",
+            version: int | None = None, opset: int = DEFAULT_OPSET, fp16: bool = False,
+            log=lambda msg: None) -> Path:
+    """Export `graphs`, verify them and publish REPO/NAME/VERSION/ (the next free version when None).
+
+    `manifest_of(version, graphs_json, parity)` writes the manifest; `checks(version_dir, draft_manifest)` are the
+    model's own checks of the version as a whole ({name: {max_abs, tolerance, what}}). Everything is written under
+    a hidden temporary folder renamed into place only when every check passed.
+    """
     model_dir = Path(repo) / name
     version = version or next_version(model_dir)
     final = model_dir / str(version)
     if final.exists():
         raise ConfigError(f"--version {version}: {final} exists already; omit --version for the next one")
+    created = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".tmp-{version}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         graphs_json, model_parity = {}, {}
-        graphs = family.export_graphs()
         for gname, graph in graphs.items():
             path = tmp / f"{gname}.onnx"
             log(f"exporting {gname}")
@@ -156,22 +179,22 @@ def export_model(run_dir: str | Path, name: str, repo: str | Path = "exported", 
                 entry["fp16"] = {"file": half.name, "sha256": file_sha256(half), "bytes": half.stat().st_size,
                                  "parity": {**result16, "tolerance": FP16_TOLERANCE}}
             graphs_json[gname] = entry
-        # the family's checks of the version as a whole (a denoiser: the served loop against PyTorch)
-        draft = _manifest(family, dataset, record, name, version, opset, graphs_json, {}, max_batch_size)
-        for check, result in family.export_checks(tmp, draft).items():
+        # the model's checks of the version as a whole (a denoiser: the served loop against PyTorch)
+        for check, result in checks(tmp, manifest_of(version, graphs_json, {})).items():
             err, tolerance = result["max_abs"], result["tolerance"]
             log(f"  {check}: {result.get('what', check)} vs PyTorch: max abs diff {err:.2e}")
             if err > tolerance:
                 raise ExportError(f"{check}: {result.get('what', check)} differs from PyTorch by {err:.3g} "
                                   f"(tolerance {tolerance}); nothing was written")
             model_parity[check] = {"max_abs": err, "tolerance": tolerance}
-        manifest = _manifest(family, dataset, record, name, version, opset, graphs_json, model_parity,
-                             max_batch_size)
+        manifest = manifest_of(version, graphs_json, model_parity)
         parse_manifest(manifest)  # the server's own schema check, before anything is published
         atomic_write(tmp / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
         os.replace(tmp, final)  # the publish step: one rename
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not any(model_dir.iterdir()):
+            model_dir.rmdir()  # a failed first version leaves no empty model folder behind
     return final
 
 

@@ -36,7 +36,7 @@ class Denoiser:
 
         self.session = ort.InferenceSession(str(version_dir / "denoiser.onnx"), providers=["CPUExecutionProvider"])
         d = json.loads((version_dir / "manifest.json").read_text())["diffusion"]
-        self.schedule = NoiseSchedule.of(d["schedule"], d["num_train_timesteps"], d["prediction"])
+        self.schedule = NoiseSchedule.from_manifest(d)
 
     def run(self, feeds):
         return self.session.run(None, feeds)
@@ -256,10 +256,10 @@ class FakeSession:
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
 
-    def admit(self, slots, x_T):
+    def admit(self, slots, x_T, known=None, mask=None):
         self.pool[slots, 0] = x_T
 
-    def step(self, *, slots, t, label, guidance, conv, coef, noise):
+    def step(self, *, slots, t, label, guidance, conv, coef, noise, blend=None):
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(10)

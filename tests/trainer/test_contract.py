@@ -163,6 +163,8 @@ def test_every_registered_family_has_a_trainer():
     from trainer.models import get_family
 
     for name, spec in FAMILIES.items():
+        if spec.imported:  # written by `gen import` from a plain ONNX graph: nothing to train
+            continue
         family = get_family(name)
         assert family.name == name and family.spec() is spec
         assert family.export_graphs is not Family.export_graphs, f"{name}: no export_graphs()"
@@ -184,4 +186,5 @@ def test_the_contract_suite_covers_every_family():
     from serve.families import FAMILIES
     from tests.conftest import TINY
 
-    assert set(TINY) == set(FAMILIES), "add a tiny config for the new family to tests/conftest.py's TINY"
+    trained = {name for name, spec in FAMILIES.items() if not spec.imported}
+    assert set(TINY) == trained, "add a tiny config for the new family to tests/conftest.py's TINY"

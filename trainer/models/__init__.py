@@ -14,7 +14,7 @@ from trainer.models.base import ConfigError, DataInfo, ExportGraph, Family, Fami
 __all__ = ["FAMILY_NAMES", "get_family", "ConfigError", "DataInfo", "ExportGraph", "Family", "FamilyConfig",
            "TensorSpec"]
 
-FAMILY_NAMES = tuple(FAMILIES)
+FAMILY_NAMES = tuple(name for name, spec in FAMILIES.items() if not spec.imported)  # the trained ones
 
 
 def _registry() -> dict[str, type[Family]]:
@@ -23,13 +23,13 @@ def _registry() -> dict[str, type[Family]]:
         if module.name != "base":
             importlib.import_module(f"{__name__}.{module.name}")
     found = {cls.name: cls for cls in Family.__subclasses__()}
-    missing = [name for name in FAMILIES if name not in found]
+    missing = [name for name, spec in FAMILIES.items() if not spec.imported and name not in found]
     if missing:
         raise RuntimeError(f"serve/families.py declares {missing} but trainer/models/ has no Family with that name")
     return found
 
 
 def get_family(name: str) -> type[Family]:
-    if name not in FAMILIES:
+    if name not in FAMILIES or FAMILIES[name].imported:
         raise ConfigError(f"unknown family {name!r}: use one of {', '.join(FAMILY_NAMES)}")
     return _registry()[name]
