@@ -34,7 +34,7 @@ models: setup
 	$(GEN) eval --check --json docs/quality.json
 
 # Side-by-side benchmarks -> BENCHMARKS.md and bench/plots/ (see bench/__main__.py).
-# `make bench` is the quick mode (a few minutes); `make bench-full` (or MODE=full) the full tables.
+# `make bench` is the quick mode (about ten minutes); `make bench-full` (or MODE=full) the full tables.
 MODE ?= quick
 PYTRITON := bench/.venv-pytriton
 BENCH_STAMP := $(VENV)/.bench-stamp

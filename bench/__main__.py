@@ -1,9 +1,9 @@
-"""`python -m bench [--mode quick|full] [--cases forward,serving,diffusion,roofline,students,warmup]`: run, then write
-BENCHMARKS.md.
+"""`python -m bench [--mode quick|full] [--cases forward,serving,...]` (CASES below): run, then write BENCHMARKS.md.
 
-quick (`make bench`) takes a few minutes: fewer repeats and shorter load runs; full (`make bench-full`)
-takes about a quarter of an hour. Both regenerate BENCHMARKS.md, bench/plots/*.png and bench/results.json
-from scratch; the exported models are rebuilt into bench/.cache when the model sources changed.
+quick (`make bench`) takes about ten minutes on 2 cores (case 6's real-size U-Net about four of them, plus one
+or two to export it the first time): fewer repeats and shorter load runs; full (`make bench-full`) about half an
+hour. Both regenerate BENCHMARKS.md, bench/plots/*.png and bench/results.json from scratch; the exported models are
+rebuilt into bench/.cache when the model sources changed.
 """
 from __future__ import annotations
 
@@ -19,18 +19,26 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("forward", "options", "serving", "diffusion", "roofline", "students", "warmup")
+CASES = ("forward", "options", "serving", "diffusion", "roofline", "students", "large_model", "warmup")
 MODES = {
     "quick": {"forward_repeats": 5, "serving_repeats": 1, "serving_seconds": 3.0, "serving_warmup": 1.0,
               "diffusion_repeats": 1, "diffusion_steps": 50, "roofline_repeats": 5, "options_repeats": 3,
-              "students_repeats": 1, "students_images": 8, "warmup_repeats": 1},
+              "students_repeats": 1, "students_images": 8, "warmup_repeats": 1,
+              # case 6 (bench/large_model.py): the real-size U-Net; batch 1 timed on 8 images (images/s is per image)
+              "large_config": "cifar10", "large_repeats": 1, "large_requests": 32, "large_steps": (10, 50),
+              "large_batch1_images": 8, "large_cost_repeats": 3},
     "full": {"forward_repeats": 15, "serving_repeats": 3, "serving_seconds": 8.0, "serving_warmup": 2.0,
              "diffusion_repeats": 3, "diffusion_steps": 50, "roofline_repeats": 10, "options_repeats": 7,
-             "students_repeats": 3, "students_images": 16, "warmup_repeats": 3},
+             "students_repeats": 3, "students_images": 16, "warmup_repeats": 3,
+             "large_config": "cifar10", "large_repeats": 3, "large_requests": 32, "large_steps": (10, 50),
+             "large_batch1_images": 32, "large_cost_repeats": 5},
     # a check that everything runs (seconds of load, 2 diffusion steps): its numbers mean nothing
     "smoke": {"forward_repeats": 1, "serving_repeats": 1, "serving_seconds": 0.5, "serving_warmup": 0.2,
               "diffusion_repeats": 1, "diffusion_steps": 2, "roofline_repeats": 1, "options_repeats": 1,
-              "students_repeats": 1, "students_images": 1, "warmup_repeats": 1},
+              "students_repeats": 1, "students_images": 1, "warmup_repeats": 1,
+              # case 6 on a tiny U-Net of the same block layout (bench/large_model.py, TINY_UNET), 4 requests
+              "large_config": "tiny", "large_repeats": 1, "large_requests": 4, "large_steps": (2,),
+              "large_batch1_images": 1, "large_cost_repeats": 1},
 }
 
 
@@ -122,10 +130,15 @@ def main() -> None:
 
         log("case 5: a distilled student against its teacher, images/s through the server")
         results["students"] = students.run(p["students_repeats"], p["students_images"], log)
+    if "large_model" in cases:
+        from bench import large_model
+
+        log("case 6: a real-size U-Net from diffusers (DDPM CIFAR-10), gen serve against DDIMPipeline")
+        results["large_model"] = large_model.run(p, log)
     if "warmup" in cases:
         from bench import warmup
 
-        log("case 6: the first request after ready against the next ones")
+        log("case 7: the first request after ready against the next ones")
         results["warmup"] = warmup.run(p["warmup_repeats"], log)
     results["seconds"] = time.time() - t0
     results["load_after"] = os.getloadavg()

@@ -126,9 +126,8 @@ def step_feeds(manifest, batch: int) -> dict[str, np.ndarray]:
 def graph_feeds(manifest, batch: int) -> dict[str, np.ndarray]:
     """The same step as plain inputs of the iteration graph (for onnxruntime's profiler): a random state pool
     of `batch` slots, zero noise."""
-    from serve.samplers import state_size
-
     from serve.denoising import KNOWN
+    from serve.samplers import state_size
 
     feeds = step_feeds(manifest, batch)
     image = (manifest.image["channels"], manifest.image["height"], manifest.image["width"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import time
 from pathlib import Path
@@ -75,14 +74,7 @@ def main() -> None:
     m = machine()
     result.update(command=f"python -m bench.warmup --repeats {args.repeats}", started=started,
                   load=[*load, *os.getloadavg()], cpu=m["cpu"], cores=m["cores"], commit=m["commit"])
-    path = ROOT / "bench" / "results.json"
-    results = json.loads(path.read_text())
-    results["warmup"] = result
-    path.write_text(json.dumps(results, indent=1, default=float) + "\n")
-    plots = {c: f"bench/plots/{c}.png" for c in ("forward", "serving", "diffusion", "roofline")
-             if (ROOT / "bench" / "plots" / f"{c}.png").exists()}
-    report.write(results, ROOT / "BENCHMARKS.md", plots)
-    print("updated bench/results.json and BENCHMARKS.md")
+    report.update_case("warmup", result)
 
 
 if __name__ == "__main__":
