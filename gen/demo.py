@@ -2,8 +2,8 @@
 
 It does what a client service would: lists the models, asks the conditional GAN and the VAE for
 samples of every class, has the VAE reconstruct held-out digits, translates held-out images with
-pix2pix and CycleGAN (sent as PNG bytes), and runs diffusion, its student and the flow model while printing
-their streamed progress. Every result is written as a PNG grid under demo-out/; the same seeds give the same grids,
+pix2pix and CycleGAN (sent as PNG bytes), runs diffusion, its student and the flow model while printing
+their streamed progress, and edits held-out digits with the diffusion model (image-to-image and inpainting). Every result is written as a PNG grid under demo-out/; the same seeds give the same grids,
 which are the ones README shows.
 """
 from __future__ import annotations
@@ -151,6 +151,27 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"\r  step {event.step:2d}/{event.total}", end="", flush=True)
             print(flush=True)
             save("flow-samples", result.pixels, "class-conditional rectified flow, 4 of each digit, 20 Euler steps")
+
+            # image-to-image: each held-out digit noised at strength 0.7 and denoised towards the next digit
+            digits, classes = _held_out("mnist", "images", 20)
+            targets = [(int(c) + 1) % COLUMNS for c in classes]
+            say("mnist-diffusion image-to-image: 20 held-out digits at strength 0.7 towards the next digit, 20 DDIM "
+                "steps:")
+            *_, last = client.generate("mnist-diffusion", n=20, seed=0, labels=targets, sampler="ddim", steps=20,
+                                       init=[_png(d) for d in digits], strength=0.7)
+            save("diffusion-image-to-image", _interleave(digits, last.pixels),
+                 "image-to-image at strength 0.7: held-out digits (odd rows) towards the next digit (even rows)")
+
+            # inpainting: the lower half regenerated with the digit's own label, the upper half kept
+            mask = np.zeros((32, 32, 1), np.uint8)
+            mask[16:] = 255
+            say("mnist-diffusion inpainting: the lower half of the same 20 digits regenerated, 20 DDIM steps:")
+            *_, last = client.generate("mnist-diffusion", n=20, seed=0, labels=[int(c) for c in classes],
+                                       sampler="ddim", steps=20, init=[_png(d) for d in digits], mask=[_png(mask)])
+            masked = digits.copy()
+            masked[:, 16:] = 0
+            save("diffusion-inpainting", _interleave(masked, last.pixels),
+                 "inpainting: held-out digits with the lower half removed (odd rows) and completed (even rows)")
     finally:
         code = stop_server(server)
         say(f"server stopped (exit status {code})")

@@ -46,6 +46,9 @@ CLASSIFIER_VERSION = 1  # bump when the classifier's architecture or training ch
 # (Family.class_accuracy_bar, frechet_bar, eval_sampling)
 # a distilled student's bars per step count: (class accuracy, Frechet / baseline); other counts are reported only
 STUDENT_BARS = {4: (0.97, 2.0), 2: (0.95, 3.0)}
+# image-to-image towards another class: target-class accuracy bar per strength (reported at the others)
+EDIT_STRENGTHS = {0.5: None, 0.7: 0.90, 0.9: None}
+INPAINT_BAR = 0.95  # class accuracy of held-out digits whose lower half was regenerated with their own label
 
 
 class EvalError(ValueError):
@@ -60,6 +63,8 @@ class EvalConfig:
     steps: int | None = None  # None: 50 for a teacher, its most for a student (`sampling_settings` lists all)
     guidance: float | None = None  # None: the model's own default
     request_size: int = 100  # rows per request: concurrent requests share batches as a server's would
+    edit_n: int = 500  # held-out images edited (image-to-image, inpainting) by a class-conditional denoising model,
+    # at most n
     cache: Path | None = None  # classifier cache; None: $GEN_CACHE or ~/.cache/gen
 
 
@@ -75,7 +80,7 @@ class Metric:
         v = f"{self.value:.4g}" if self.unit != "%" else f"{100 * self.value:.1f}"
         verdict = "" if self.passed is None else ("  ok" if self.passed else "  BELOW BAR")
         bar = f"  (bar {self.bar})" if self.bar else ""
-        return f"{self.name:<28} {v}{self.unit}{bar}{verdict}"
+        return f"{self.name:<36} {v}{self.unit}{bar}{verdict}"
 
 
 @dataclass
@@ -357,6 +362,8 @@ def _generator(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -
         report.add("class accuracy", (pred == labels).mean(), "%", at_least=accuracy_bar)
         report.details["class_accuracy"] = {m.classes[k]: round(float((pred[labels == k] == k).mean()), 4)
                                             for k in range(len(m.classes))}
+    if denoise and conditional and m.null_class and not m.student:  # edits of held-out images
+        _edits(rt, m, net, test_images, y_test.numpy(), cfg, report, log)
     if spec.encoder:  # a family that encodes: reconstructions of held-out images too
         log(f"{m.name}: reconstructing {len(x_test)} held-out images")
         enc_labels = y_test.numpy() if _conditional(m) else None
@@ -370,6 +377,61 @@ def _generator(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -
         _, rpred = net.predict(recons)
         report.add("reconstruction accuracy", (rpred == y_test.numpy()).mean(), "%", at_least=0.90)
         report.add("reconstruction L1", np.abs((recons - test_images) / 2).mean())
+
+
+def _edits(rt, m, net, images: np.ndarray, labels: np.ndarray, cfg: EvalConfig, report: Report, log) -> None:
+    """Image-to-image and inpainting of `cfg.edit_n` random held-out images, at the eval's sampling setting.
+
+    Image-to-image: each image towards another class (drawn uniformly), at each of EDIT_STRENGTHS: the target-class
+    accuracy of the results, and how much of the input survives as the mean Pearson correlation of input and
+    output pixels (1: unchanged; the "baseline" is the same between each input and a random held-out image of its
+    target class: what an unrelated digit of that class shares with it). Inpainting: the lower half regenerated
+    with the image's own label: class accuracy of the completed digit, and the largest 8-bit difference from the
+    input in the kept upper half (0: kept exactly)."""
+    K, n = len(m.classes), min(cfg.edit_n, cfg.n, len(images))
+    rng = np.random.default_rng(cfg.seed + 1)
+    pick = rng.choice(len(images), n, replace=False)
+    x, y = images[pick], labels[pick]
+    target = (y + rng.integers(1, K, n)) % K  # another class
+    others = np.array([rng.choice(np.flatnonzero(labels == k)) for k in target])
+    report.add("image-to-image correlation baseline", _correlation(images[others], x))
+    for strength, bar in EDIT_STRENGTHS.items():
+        log(f"{m.name}: image-to-image of {n} held-out images at strength {strength} towards another class")
+        out = _generate(rt, m.name, x, target, cfg, strength=strength)
+        _, pred = net.predict(out)
+        report.add(f"image-to-image {strength} target accuracy", (pred == target).mean(), "%", at_least=bar)
+        report.add(f"image-to-image {strength} input correlation", _correlation(out, x))
+    H = x.shape[2]
+    mask = np.zeros((1, 1, *x.shape[2:]), np.float32)
+    mask[:, :, H // 2:] = 1.0
+    log(f"{m.name}: inpainting the lower half of {n} held-out images with their own labels")
+    out = _generate(rt, m.name, x, y, cfg, mask=mask)
+    _, pred = net.predict(out)
+    report.add("inpainting class accuracy", (pred == y).mean(), "%", at_least=INPAINT_BAR)
+    levels = lambda v: np.round((v[:, :, :H // 2] + 1.0) * 127.5)  # noqa: E731 - the kept half, 8-bit levels
+    report.add("inpainting kept-half error", np.abs(levels(out) - levels(x)).max(), " levels", at_most=0.0)
+    report.details["edits"] = {"images": n, "sampling": {"sampler": cfg.sampler, "steps": cfg.steps}}
+
+
+def _generate(rt, model: str, init: np.ndarray, labels: np.ndarray, cfg: EvalConfig, strength: float | None = None,
+              mask: np.ndarray | None = None) -> np.ndarray:
+    """Generate from `init` (image-to-image, or inpainting with `mask`), in concurrent chunks like _sample."""
+
+    async def one(start: int, count: int) -> np.ndarray:
+        async for event in rt.generate(model, count, seed=cfg.seed + start, labels=labels[start:start + count].tolist(),
+                                       sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance,
+                                       init=init[start:start + count], strength=strength, mask=mask):
+            result = getattr(event, "result", None)
+        return result.images
+
+    return quantise(asyncio.run(_chunks(one, len(init), cfg.request_size)))
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over images of the Pearson correlation of their pixels."""
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    return float(((a * b).sum(1) / np.maximum(np.sqrt((a * a).sum(1) * (b * b).sum(1)), 1e-12)).mean())
 
 
 def _pix2pix(rt, m, data, cfg: EvalConfig, cache: Path, report: Report, log) -> None:

@@ -136,8 +136,17 @@ def generator_calls(draw) -> tuple[str, object]:
     hostile = {**common, "n": st.one_of(small, i32), "labels": labels, "guidance": floats, "eta": floats,
                "sampler": st.one_of(st.sampled_from(["heun", "DDIM"]), st.text(max_size=8)),
                "steps": st.one_of(st.integers(-2, 1002), i32), "preview_every": st.one_of(small, i32),
-               "format": formats}
-    return method, pb.GenerateRequest(**_mutate(draw, fields, hostile))
+               "format": formats, "init_images": images, "strength": floats, "mask_images": images}
+    edit = draw(st.integers(0, 3))  # image-to-image (1), inpainting (2), or plain generation
+    if edit:
+        fields.update(init_images=[GOOD_IMAGES[1]] * draw(st.sampled_from([1, n])),
+                      strength=draw(st.floats(0.05, 1.0)))
+    if edit == 2:
+        fields["mask_images"] = [GOOD_IMAGES[1]]
+    req = pb.GenerateRequest(**_mutate(draw, fields, hostile))
+    if draw(st.integers(0, 5)) == 0:  # raw init or mask tensors, beside or instead of the files
+        getattr(req, draw(st.sampled_from(["init_tensor", "mask_tensor"]))).CopyFrom(draw(tensors()))
+    return method, req
 
 
 DTYPE_OF = {"FP32": "<f4", "INT64": "<i8", "FP16": "<f2", "FP64": "<f8", "INT32": "<i4", "UINT8": "u1", "BOOL": "?",

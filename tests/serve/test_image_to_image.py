@@ -4,6 +4,7 @@ generation in one batch, and refused with INVALID_ARGUMENT naming the field over
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
@@ -223,6 +224,23 @@ def test_a_flow_model_and_a_student_take_init_images(tiny_repo):
                                          **kwargs)
             assert final.result.images.shape == (2, 1, 32, 32)
             assert np.array_equal(final.result.images[..., :16, :], np.zeros((2, 1, 16, 32), np.float32))
+
+
+def test_previews_and_cancellation_work_as_for_generation(tiny_repo):
+    init = np.zeros((1, 1, 32, 32), np.float32)
+    with Runtime(tiny_repo / "exported", device="cpu") as rt:
+        events = list(rt.sync.generate("tiny-diffusion", n=2, seed=0, labels=[1], steps=4, init=init, strength=0.5,
+                                       mask=LOWER_HALF, preview_every=2))
+        assert [e.step for e in events[:-1]] == [1, 2, 3, 4] and events[-1].result.images.shape == (2, 1, 32, 32)
+        assert [e.preview.shape for e in events[:-1] if e.preview is not None] == [(2, 1, 32, 32)] * 2
+        stream = rt.sync.generate("tiny-diffusion", n=2, seed=0, labels=[1], steps=50, init=init, strength=0.5)
+        next(stream)
+        stream.close()  # cancels: the loop drops the request before its next step
+        scheduler = rt.scheduler(rt.repository.resolve("tiny-diffusion"))
+        deadline = time.monotonic() + 10
+        while scheduler.active() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.active() == 0
 
 
 # --- over gRPC: bad input names its field, and the server keeps serving ------------------------------------

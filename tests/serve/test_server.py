@@ -253,6 +253,26 @@ def test_cli_client_commands(server, tmp_path):
     assert proc.returncode != 0 and proc.stderr.startswith("gen: error: NOT_FOUND") and "Traceback" not in proc.stderr
 
 
+def test_cli_generate_from_an_image_with_a_mask(server, tmp_path):
+    def gen(*args):
+        return subprocess.run([sys.executable, "-m", "gen", "generate", "--model", "tiny-diffusion", *args,
+                               "--server", server.target], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.fromarray(np.full((32, 32), 200, np.uint8)).save(init)
+    Image.fromarray(np.repeat(np.array([0, 255], np.uint8), 16)[:, None].repeat(32, 1)).save(mask)  # lower half
+    out = tmp_path / "g.png"
+    proc = gen("-n", "2", "--steps", "3", "--init", str(init), "--strength", "0.6", "--mask", str(mask),
+               "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    grid = np.asarray(Image.open(out).convert("L"))
+    assert (grid[2:18, 2:34] == 200).all(), "the kept upper half of the first image is the init image"
+    proc = gen("--strength", "0.5", "-o", str(out))
+    assert proc.returncode != 0 and "--init" in proc.stderr and "Traceback" not in proc.stderr
+    proc = gen("--init", str(init), "--strength", "1.5", "-o", str(out))
+    assert proc.returncode != 0 and "strength" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_serve_refuses_an_empty_repository(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gen", "serve", "--repo", str(tmp_path / "none")], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
