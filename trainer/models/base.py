@@ -71,6 +71,9 @@ class Family:
     class_accuracy_bar: ClassVar[float | None] = None  # share of conditional samples classified as their label
     frechet_bar: ClassVar[float | None] = None  # Frechet distance of samples, times the real-vs-real baseline
     eval_sampling: ClassVar[tuple[str, int] | None] = None  # a denoiser's (sampler, steps) when eval names none
+    # a denoiser's image-to-image bar: (strength, share of edits towards another class classified as that class);
+    # strength is in the schedule's own time, so the noise it means differs between schedules
+    image_to_image_bar: ClassVar[tuple[float, float] | None] = None
     student_family: ClassVar[str | None] = None  # the family `gen distill` trains a few-step student in, if any
 
     @classmethod

@@ -110,6 +110,7 @@ class Diffusion(Family):
     Config = DiffusionConfig
     class_accuracy_bar, frechet_bar = 0.95, 3.0
     eval_sampling = ("ddim", 50)  # README's quality table and docs/quality.json are measured there
+    image_to_image_bar = (0.7, 0.90)
     student_family = "diffusion"  # trainer/distill.py: a copy of the teacher's U-Net, guidance as an input
 
     @classmethod
