@@ -175,16 +175,19 @@ class Runtime:
 
     def _prepare_version(self, mv: ModelVersion) -> dict:
         """Make a version warm before it is READY (Triton's model_warmup): every graph runs once on a zero row,
-        and a denoising model's iteration graph is built around its denoiser and stepped once, so the first
-        request pays for neither and a denoiser the builder refuses leaves the version UNAVAILABLE."""
+        and a denoising model's iteration graph is built around its denoiser (from the bytes its runner read: each
+        file is read once) and stepped once, so the first request pays for neither and a denoiser the builder
+        refuses leaves the version UNAVAILABLE."""
         for name, runner in mv.runners.items():  # one row; an unbatched graph: its own shapes (dynamic dims 1)
             runner.run({t.name: np.zeros(_zero_shape(t, mv.manifest.batched), NP_DTYPES[t.dtype])
                         for t in mv.manifest.graphs[name].inputs})
-        if FAMILIES[mv.manifest.family].denoiser is None:
+        sources = {name: runner.take_source() for name, runner in mv.runners.items()}  # held no longer than this
+        denoiser = FAMILIES[mv.manifest.family].denoiser
+        if denoiser is None:
             return {}
         session = DenoisingSession(mv.path, mv.manifest, state_size(), capacity=self._mbs(mv), device=self.device,
                                    threads=self.threads, spin=self.spin, fp16=self.fp16,
-                                   cuda_graphs=self.cuda_graphs)
+                                   cuda_graphs=self.cuda_graphs, source=sources.get(denoiser))
         session.warm_up()
         return {"denoising": session}
 

@@ -104,11 +104,16 @@ class GraphRunner:
     def __init__(self, version_dir: Path, graph: GraphInfo, device: str = "auto", threads: int | None = None,
                  fp16: bool | None = None, spin: bool = True):
         path = graph_path(version_dir, graph, device, fp16)
-        self.session, self.device, self.device_id = open_session(str(path), device, threads, spin, name=path.name)
+        data = path.read_bytes()
+        self.session, self.device, self.device_id = open_session(data, device, threads, spin, name=path.name)
         if self.device == "cpu" and path.name != graph.file:  # auto fell back to the CPU: the fp32 file there
             path = Path(version_dir) / graph.file
-            self.session = ort.InferenceSession(str(path), session_options(threads, spin), providers=[CPU])
+            data = path.read_bytes()
+            self.session = ort.InferenceSession(data, session_options(threads, spin), providers=[CPU])
         self.file = path.name
+        # the file's bytes, for whoever builds more from the same graph while the version loads (the iteration graph
+        # around a denoiser): each file is read once; `take_source()` hands them over and forgets them
+        self._source: bytes | None = data
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if sorted(inputs) != sorted(t.name for t in graph.inputs) or \
@@ -116,6 +121,11 @@ class GraphRunner:
             raise ValueError(f"the graph's inputs {inputs} / outputs {outputs} are not the manifest's")
         self.graph = graph
         self.output_names = [t.name for t in graph.outputs]
+
+    def take_source(self) -> tuple[str, bytes | None]:
+        """(the file this runner opened, its bytes, once; None after the first call)."""
+        data, self._source = self._source, None
+        return self.file, data
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.device == "cuda":
@@ -183,13 +193,16 @@ class DenoisingSession:
 
     def __init__(self, version_dir: Path, manifest: Manifest, state_size: int, capacity: int,
                  device: str = "auto", threads: int | None = None, spin: bool = True, fp16: bool | None = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, source: tuple[str, bytes | None] | None = None):
+        """`source`: (file name, bytes) of the denoiser already read (GraphRunner.take_source), used when it is the
+        file this session opens."""
         info = manifest.graphs[FAMILIES[manifest.family].denoiser]
         shape = (manifest.image["channels"], manifest.image["height"], manifest.image["width"])
 
         def iteration_on(path: Path, device: str):
-            iteration = iteration_model(onnx.load(str(path)), shape, state_size, manifest.num_classes,
-                                        manifest.null_class)
+            read = source is not None and source[1] is not None and source[0] == path.name
+            denoiser = onnx.load_from_string(source[1]) if read else onnx.load(str(path))
+            iteration = iteration_model(denoiser, shape, state_size, manifest.num_classes, manifest.null_class)
             opened = open_session(iteration.SerializeToString(), device, threads, spin,
                                   cuda_options={"enable_cuda_graph": "1"} if cuda_graphs else None,
                                   name=f"{path.name} (iteration)")
