@@ -5,7 +5,7 @@ GEN     := $(VENV)/bin/gen
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo models lint clean bench bench-full bench-setup gpu-check docs
+.PHONY: setup test demo models lint clean bench bench-full bench-setup gpu-check docs perf-analyzer
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: setup
+test: setup perf-analyzer
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
@@ -49,6 +49,17 @@ $(BENCH_STAMP): $(STAMP)
 $(PYTRITON)/.stamp:
 	-python3 -m venv $(PYTRITON) && $(PYTRITON)/bin/pip install -q "nvidia-pytriton==0.7.0" onnxruntime onnx \
 		&& $(PYTRITON)/bin/python bench/pytriton_patch.py && touch $@
+
+# Triton's load generator, perf_analyzer (tests/serve/test_perf_analyzer.py): tritonclient 2.41's wheel ships the
+# binary, in a venv of its own (the dev extra's tritonclient is newer); it loads libcudart.so.12, even against a CPU
+# server (from the nvidia-cuda-runtime-cu12 wheel), and libb64 (apt-get install libb64-0d, as .ci/run does).
+# Not fatal: without it the test says why it skips.
+PERF := .venv-perf
+$(PERF)/.stamp:
+	-python3 -m venv $(PERF) && $(PERF)/bin/pip install -q --no-deps "tritonclient==2.41.0" nvidia-cuda-runtime-cu12 \
+		&& touch $@
+
+perf-analyzer: $(PERF)/.stamp
 
 bench-setup: $(BENCH_STAMP) $(PYTRITON)/.stamp
 

@@ -72,9 +72,14 @@ def response_of(model: str, version: int, request: pb.ModelInferRequest,
     return resp
 
 
-def _tensor_metadata(specs) -> list[pb.ModelMetadataResponse.TensorMetadata]:
-    return [pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=OIP_DATATYPES[t.dtype], shape=list(t.shape))
-            for t in specs]
+def _tensor_metadata(specs, row_scalars_as_column: bool = False) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    """Shapes as the manifest has them; with `row_scalars_as_column`, an input that is only the batch axis ([-1], a
+    label per row) as [-1, 1], its config's dims [1] with the batch axis, as Triton reports such an input (the
+    reshape to [] is the server's business): what a load generator (perf_analyzer) builds requests from. Requests
+    may send it as [N] or [N, 1]."""
+    return [pb.ModelMetadataResponse.TensorMetadata(
+        name=t.name, datatype=OIP_DATATYPES[t.dtype],
+        shape=[-1, 1] if row_scalars_as_column and list(t.shape) == [-1] else list(t.shape)) for t in specs]
 
 
 def _duration(count: int, ns: int) -> pb.StatisticDuration:
@@ -91,7 +96,8 @@ def model_metadata(runtime, name: str, version: str) -> pb.ModelMetadataResponse
     handle = runtime.graph(name, parse_version(version))
     return pb.ModelMetadataResponse(
         name=name, versions=[str(v) for v in handle.versions], platform="onnxruntime_onnx",
-        inputs=_tensor_metadata(handle.info.inputs), outputs=_tensor_metadata(handle.info.outputs))
+        inputs=_tensor_metadata(handle.info.inputs, handle.manifest.batched),
+        outputs=_tensor_metadata(handle.info.outputs))
 
 
 def model_config(runtime, name: str, version: str) -> mc.ModelConfig:

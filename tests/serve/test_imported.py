@@ -136,7 +136,7 @@ def test_metadata_and_config(graphs, served):
     try:
         meta = client.get_model_metadata("two.model", as_json=True)
         assert [(i["name"], i["datatype"], [int(d) for d in i["shape"]]) for i in meta["inputs"]] == \
-            [("x", "FP32", [-1, 4]), ("label", "INT64", [-1])]
+            [("x", "FP32", [-1, 4]), ("label", "INT64", [-1, 1])]  # a per-row scalar as Triton reports it
         config = client.get_model_config("two.model", as_json=True)["config"]
         assert int(config["max_batch_size"]) == 64 and "dynamic_batching" in config
         k = config["input"][1]
