@@ -3,8 +3,9 @@
 It does what a client service would: lists the models, asks the conditional GAN and the VAE for
 samples of every class, has the VAE reconstruct held-out digits, translates held-out images with
 pix2pix and CycleGAN (sent as PNG bytes), runs diffusion, its student and the flow model while printing
-their streamed progress, and edits held-out digits with the diffusion model (image-to-image and inpainting). Every result is written as a PNG grid under demo-out/; the same seeds give the same grids,
-which are the ones README shows.
+their streamed progress, and edits held-out digits with the diffusion model (image-to-image and inpainting).
+Every result is written as a PNG grid under demo-out/; the same seeds give the same grids, which are the ones README
+shows.
 """
 from __future__ import annotations
 

@@ -45,15 +45,21 @@ from serve.samplers import NoiseSchedule, Sampler, padded_plan
 from serve.samplers.schedule import timestep_pairs  # noqa: F401 - the discrete rule, imported from here by others
 
 
-def start_grid(schedule: NoiseSchedule, steps: int, strength: float) -> list[tuple]:
-    """Image-to-image's (t, t_prev) pairs: the last `steps` of the grid of N steps, N the least with
-    int(N strength) = steps. That is diffusers' img2img with num_inference_steps N (it runs int(N strength) steps
-    from index N - int(N strength)), so the request's step count is what runs and the start is near strength x T."""
+def grid_steps(steps: int, strength: float) -> int:
+    """N, the least grid with int(N strength) = steps: image-to-image runs the last `steps` steps of it, which is
+    diffusers' img2img with num_inference_steps N (it runs int(N strength) steps from index N - int(N strength)),
+    so the request's step count is what runs and the start is near strength x T."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     n = steps
     while int(n * strength) < steps:
         n += 1
+    return n
+
+
+def start_grid(schedule: NoiseSchedule, steps: int, strength: float) -> list[tuple]:
+    """Image-to-image's (t, t_prev) pairs: the last `steps` of the grid of `grid_steps(steps, strength)` steps."""
+    n = grid_steps(steps, strength)
     if n > schedule.T:
         raise ValueError(f"{steps} steps at strength {strength} need a grid of {n} > {schedule.T} steps")
     return schedule.pairs(n)[n - steps:]

@@ -32,7 +32,7 @@ def _images_in(request, manifest, max_images: int, field: str = "images") -> np.
 def _known_in(request, runtime) -> dict:
     """Generate's image-to-image and inpainting fields as the runtime takes them (float32 NCHW): init images in the
     model's range, masks 1 = regenerate."""
-    out = {}
+    out, manifest = {}, None
     fields = {"init": ("init_images", "init_tensor"), "mask": ("mask_images", "mask_tensor")}
     for key, (blobs_field, tensor_field) in fields.items():
         blobs = list(getattr(request, blobs_field))
@@ -43,12 +43,13 @@ def _known_in(request, runtime) -> dict:
         if request.HasField(tensor_field):
             out[key] = tensor_from_pb(getattr(request, tensor_field), tensor_field)
         elif blobs:
+            manifest = manifest or runtime.manifest(request.model, _version(request))
             if key == "mask":  # one channel, white = regenerate
-                m = runtime.manifest(request.model, _version(request)).image
-                pixels = decode_images(blobs, 1, m["height"], m["width"], (0.0, 1.0), field=blobs_field)
+                image = manifest.image
+                pixels = decode_images(blobs, 1, image["height"], image["width"], (0.0, 1.0), field=blobs_field)
                 out[key] = (pixels >= 0.5).astype(np.float32)
             else:
-                out[key] = decode_for(runtime.manifest(request.model, _version(request)), blobs, field=blobs_field)
+                out[key] = decode_for(manifest, blobs, field=blobs_field)
     if request.HasField("strength"):
         out["strength"] = request.strength
     return out

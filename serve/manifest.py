@@ -264,6 +264,13 @@ def _check_schedule_options(d: dict) -> None:
                             "(alpha is 0 at its start); use velocity or sample")
 
 
+def next_version(model_dir: Path) -> int:
+    """The version a new export or import of a model gets: one past the highest version folder (1 for none)."""
+    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] \
+        if model_dir.is_dir() else []
+    return max(versions, default=0) + 1
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

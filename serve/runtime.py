@@ -36,7 +36,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serve.batcher import DynamicBatcher, Stats
-from serve.diffusion import DiffusionScheduler, Done, GenerationRequest, Progress, row_rng, start_grid
+from serve.diffusion import DiffusionScheduler, Done, GenerationRequest, Progress, grid_steps, row_rng
 from serve.errors import FailedPrecondition, InvalidArgument, NotFound, ServeError, Unavailable
 from serve.families import DENOISE, FAMILIES, GAUSSIAN, FamilySpec
 from serve.manifest import GraphInfo, Manifest, TensorInfo
@@ -594,10 +594,10 @@ def _known(m: Manifest, n: int, max_n: int, init, strength, mask, steps: int) ->
     if strength == 0.0:
         raise InvalidArgument("strength: must be in (0, 1]; 0 would return the init images unchanged")
     init = _per_image("init", images_of(init, m, max_n, "init"), n)
-    try:
-        start_grid(NoiseSchedule.from_manifest(m.diffusion), steps, strength)
-    except ValueError as e:
-        raise InvalidArgument(f"strength: {e}") from None
+    T, grid = int(m.diffusion["num_train_timesteps"]), grid_steps(steps, strength)
+    if grid > T:  # the scheduler's start_grid would refuse it in the loop
+        raise InvalidArgument(f"strength: {steps} steps at strength {strength} need a grid of {grid} > {T} steps; "
+                              "give more strength or fewer steps")
     out = {"init": init, "strength": strength}
     if mask is not None:
         C, H, W = _image_shape(m)

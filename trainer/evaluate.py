@@ -219,15 +219,20 @@ async def _chunks(make, n: int, size: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _sample(rt, model: str, spec: FamilySpec, n: int, labels: np.ndarray | None, cfg: EvalConfig) -> np.ndarray:
-    """n images, row i from seed cfg.seed + i // request_size so that chunks are independent requests."""
+def _sample(rt, model: str, spec: FamilySpec, n: int, labels: np.ndarray | None, cfg: EvalConfig,
+            init: np.ndarray | None = None, strength: float | None = None,
+            mask: np.ndarray | None = None) -> np.ndarray:
+    """n images, row i from seed cfg.seed + i // request_size so that chunks are independent requests; a denoiser
+    from `init` (image-to-image, with `mask` inpainting) when given."""
 
     async def one(start: int, count: int) -> np.ndarray:
         lab = None if labels is None else labels[start:start + count].tolist()
         seed = cfg.seed + start
         if spec.task == DENOISE:
+            known = None if init is None else init[start:start + count]
             async for event in rt.generate(model, count, seed=seed, labels=lab, sampler=cfg.sampler,
-                                           steps=cfg.steps, guidance=cfg.guidance):
+                                           steps=cfg.steps, guidance=cfg.guidance, init=known, strength=strength,
+                                           mask=mask):
                 result = getattr(event, "result", None)
             return result.images
         return (await rt.sample(model, count, seed=seed, labels=lab)).images
@@ -388,6 +393,7 @@ def _edits(rt, m, net, images: np.ndarray, labels: np.ndarray, cfg: EvalConfig, 
     it). Inpainting: the lower half regenerated with the image's own label: class accuracy of the completed digit,
     and the largest 8-bit difference from the input in the kept upper half (0: kept exactly)."""
     K, n = len(m.classes), min(cfg.edit_n, cfg.n, len(images))
+    spec = FAMILIES[m.family]
     rng = np.random.default_rng(cfg.seed + 1)
     pick = rng.choice(len(images), n, replace=False)
     x, y = images[pick], labels[pick]
@@ -397,7 +403,7 @@ def _edits(rt, m, net, images: np.ndarray, labels: np.ndarray, cfg: EvalConfig, 
     bar_strength, bar = get_family(m.family).image_to_image_bar or (None, None)
     for strength in EDIT_STRENGTHS:
         log(f"{m.name}: image-to-image of {n} held-out images at strength {strength} towards another class")
-        out = _generate(rt, m.name, x, target, cfg, strength=strength)
+        out = _sample(rt, m.name, spec, n, target, cfg, init=x, strength=strength)
         _, pred = net.predict(out)
         report.add(f"image-to-image {strength} target accuracy", (pred == target).mean(), "%",
                    at_least=bar if strength == bar_strength else None)
@@ -406,26 +412,12 @@ def _edits(rt, m, net, images: np.ndarray, labels: np.ndarray, cfg: EvalConfig, 
     mask = np.zeros((1, 1, *x.shape[2:]), np.float32)
     mask[:, :, H // 2:] = 1.0
     log(f"{m.name}: inpainting the lower half of {n} held-out images with their own labels")
-    out = _generate(rt, m.name, x, y, cfg, mask=mask)
+    out = _sample(rt, m.name, spec, n, y, cfg, init=x, mask=mask)
     _, pred = net.predict(out)
     report.add("inpainting class accuracy", (pred == y).mean(), "%", at_least=INPAINT_BAR)
     levels = lambda v: np.round((v[:, :, :H // 2] + 1.0) * 127.5)  # noqa: E731 - the kept half, 8-bit levels
     report.add("inpainting kept-half error", np.abs(levels(out) - levels(x)).max(), " levels", at_most=0.0)
     report.details["edits"] = {"images": n, "sampling": {"sampler": cfg.sampler, "steps": cfg.steps}}
-
-
-def _generate(rt, model: str, init: np.ndarray, labels: np.ndarray, cfg: EvalConfig, strength: float | None = None,
-              mask: np.ndarray | None = None) -> np.ndarray:
-    """Generate from `init` (image-to-image, or inpainting with `mask`), in concurrent chunks like _sample."""
-
-    async def one(start: int, count: int) -> np.ndarray:
-        async for event in rt.generate(model, count, seed=cfg.seed + start, labels=labels[start:start + count].tolist(),
-                                       sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance,
-                                       init=init[start:start + count], strength=strength, mask=mask):
-            result = getattr(event, "result", None)
-        return result.images
-
-    return quantise(asyncio.run(_chunks(one, len(init), cfg.request_size)))
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve.manifest import FORMAT, NAME_RE, file_sha256, parse_manifest
+from serve.manifest import FORMAT, NAME_RE, file_sha256, next_version, parse_manifest
 from trainer.loop import atomic_write, load_run
 from trainer.models import ConfigError, ExportGraph, Family, TensorSpec
 
@@ -99,12 +99,6 @@ def _fp16_variant(src: Path, dst: Path) -> None:
 
 def _tensor_json(specs: dict[str, TensorSpec]) -> list[dict]:
     return [{"name": n, "dtype": s.dtype, "shape": list(s.shape)} for n, s in specs.items()]
-
-
-def next_version(model_dir: Path) -> int:
-    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] \
-        if model_dir.is_dir() else []
-    return max(versions, default=0) + 1
 
 
 def check_target(name: str, version: int | None, opset: int) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from serve.families import IMPORTED
-from serve.manifest import DTYPES, FORMAT, NAME_RE, TensorInfo, file_sha256, parse_manifest
+from serve.manifest import DTYPES, FORMAT, NAME_RE, TensorInfo, file_sha256, next_version, parse_manifest
 
 DEFAULT_MAX_BATCH_SIZE = 64
 CHECK_BATCH = 2  # the check run's batch size: a batched graph must give as many rows back
@@ -63,7 +63,7 @@ def import_graph(graph: str | Path, name: str, repo: str | Path = "exported", ve
     if not graph.is_file():
         raise GraphImportError(f"{graph}: no such file" if not graph.exists() else f"{graph}: not a file")
     model_dir = Path(repo) / name
-    version = version or _next_version(model_dir)
+    version = version or next_version(model_dir)
     final = model_dir / str(version)
     if final.exists():
         raise GraphImportError(f"--version {version}: {final} exists already; omit --version for the next one")
@@ -133,12 +133,6 @@ def _copy(graph: Path, path: Path) -> None:
     except Exception as e:  # noqa: BLE001 - a missing data file, or over protobuf's 2 GB
         raise GraphImportError(f"{graph.name}: its external data cannot be embedded in one file: "
                                f"{_first_line(e)}") from None
-
-
-def _next_version(model_dir: Path) -> int:
-    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] \
-        if model_dir.is_dir() else []
-    return max(versions, default=0) + 1
 
 
 def _check(path: Path, graph: Path) -> int:
