@@ -421,16 +421,21 @@ def _warmup(w: dict, results: dict) -> list[str]:
            f"commit {w['commit'] or '?'}; load average {w['load'][0]:.2f} at its start)." if own else
            "Measured in this run.")
     out = ["## Case 7: the first request after ready", "",
-           "A version is READY only when warm: every graph has run once and a denoising model's iteration graph "
-           "has been built and stepped once. For each model a fresh `gen serve` (CPU, the shipped models) is "
+           "A version is READY only when warm: each graph's batcher and a denoising model's loop have answered "
+           "warm-up requests on the threads that serve them, and the heap is collected and frozen. For each "
+           "model a fresh `gen serve` (CPU, the shipped models) is "
            f"started and the first call after it reports ready is timed, then {w['following']} more one at a "
            "time (gRPC, serve.client; Generate at the server's defaults, a student at its own). " + how +
-           " Medians over the repeats; target: the first call within 1.5x of the next ones' median.", "",
-           "| model | call | first (ms) | median of the next (ms) | first / next | repeats |",
-           "|---|---|---|---|---|---|"]
+           " Medians over the repeats; target: the first call within 1.5x of the next ones' median. The last "
+           "column is the control: the first call of a second, new channel to the same server once it is warm, "
+           "what a connection's first call costs whatever the model.", "",
+           "| model | call | first (ms) | median of the next (ms) | first / next | a new channel's first (ms) "
+           "| repeats |",
+           "|---|---|---|---|---|---|---|"]
     for r in w["rows"]:
+        channel = f"{r['new_channel_ms']:.1f}" if "new_channel_ms" in r else "-"
         out.append(f"| `{r['model']}` | {r['call']} | {r['first_ms']:.1f} | {r['next_median_ms']:.1f} | "
-                   f"x{r['ratio']:.2f} | {r['repeats']} |")
+                   f"x{r['ratio']:.2f} | {channel} | {r['repeats']} |")
     return out + [""]
 
 

@@ -1,11 +1,12 @@
-"""Case 6: the first request after `gen serve` reports ready, against the median of the next 20.
+"""Case 7: the first request after `gen serve` reports ready, against the median of the next 20.
 
-A version is READY only when warm (serve/runtime.py: every graph ran once and a denoising model's iteration graph
-was built and stepped once), so the first request should cost what the next ones do. For each model below a
-fresh `gen serve` (subprocess, CPU, the shipped models of exported/) is started; as soon as it reports ready the
-first call is timed (after a ListModels call has connected the channel), then 20 more in turn, one at a time
-(gRPC through serve.client, as a user would). Each row repeats that `repeats` times with a new server and keeps
-the medians.
+A version is READY only when warm (serve/runtime.py: each graph's batcher and a denoising model's loop answered
+warm-up requests on the threads that serve them), so the first request should cost what the next ones do. For
+each model below a fresh `gen serve` (subprocess, CPU, the shipped models of exported/) is started; as soon as it
+reports ready the first call is timed (after a ListModels call has connected the channel), then 20 more in turn,
+one at a time (gRPC through serve.client, as a user would), and last the first call of a second, new channel to
+the same (now warm) server: what a connection's first call costs apart from the model. Each row repeats that
+`repeats` times with a new server and keeps the medians.
 
     python -m bench.warmup [--repeats N]    # this case alone: updates bench/results.json and BENCHMARKS.md
 """
@@ -40,7 +41,7 @@ def run(repeats: int, log=print) -> dict:
 
     rows = []
     for model, kind in CALLS:
-        firsts, medians = [], []
+        firsts, medians, channels = [], [], []
         for _ in range(repeats):
             server = start_server(ROOT / "exported", "--no-http", "--device", "cpu")
             try:
@@ -48,13 +49,19 @@ def run(repeats: int, log=print) -> dict:
                     client.list_models()  # the channel's connection is the client's cost, not the model's
                     firsts.append(_call(client, model, kind))
                     medians.append(statistics.median(_call(client, model, kind) for _ in range(FOLLOWING)))
+                with GenClient(server.target, timeout=600) as client:  # the control: a new channel, a warm server
+                    client.list_models()
+                    channels.append(_call(client, model, kind))
             finally:
                 stop_server(server)
         row = {"model": model, "call": kind, "first_ms": statistics.median(firsts),
-               "next_median_ms": statistics.median(medians), "repeats": repeats}
+               "next_median_ms": statistics.median(medians), "repeats": repeats,
+               "new_channel_ms": statistics.median(channels),
+               "firsts_ms": [round(f, 2) for f in firsts], "next_medians_ms": [round(m, 2) for m in medians]}
         row["ratio"] = row["first_ms"] / row["next_median_ms"]
         log(f"  {model} {kind}: first {row['first_ms']:.1f} ms, next {FOLLOWING} median "
-            f"{row['next_median_ms']:.1f} ms (x{row['ratio']:.2f})")
+            f"{row['next_median_ms']:.1f} ms (x{row['ratio']:.2f}); a new channel's first call "
+            f"{row['new_channel_ms']:.1f} ms")
         rows.append(row)
     return {"rows": rows, "following": FOLLOWING}
 

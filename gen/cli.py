@@ -485,7 +485,7 @@ def serve_cmd(repo, host, port, device, http_port, no_http, metrics_port, max_ba
                           max_queue_size=max_queue_size, allow_repository_control=allow_repository_control,
                           grace_s=grace, max_images=max_images, max_steps=max_steps, threads=threads, spin=spin,
                           max_message_bytes=int(max_message_mb * 1024 * 1024), tls_cert=tls_cert, tls_key=tls_key,
-                          tls_client_ca=tls_client_ca, auth_tokens=tokens)
+                          tls_client_ca=tls_client_ca, auth_tokens=tokens, freeze_heap=True)
     try:
         tls_credentials(config)  # bad PEM files or a missing half: one line now, not a traceback later
     except ValueError as e:

@@ -268,6 +268,13 @@ class DynamicBatcher:
         with self._cond:
             return self.stats.snapshot()
 
+    def reset_statistics(self) -> None:
+        """Counters and arrival averages back to their start (after the warm-up requests of a load)."""
+        with self._cond:
+            version, self.stats = self.stats.version, Stats(name=self.name)
+            self.stats.version = version
+            self._arrivals, self._last_arrival, self._gap_s, self._lone_run_s = 0, 0.0, math.inf, 0.0
+
     def queue_size(self) -> int:
         with self._cond:
             return len(self._queue)

@@ -180,6 +180,12 @@ class DiffusionScheduler:
         with self._cond:
             return self.stats.snapshot()
 
+    def reset_statistics(self) -> None:
+        """Counters back to zero, after the warm-up requests of a load."""
+        with self._cond:
+            version, self.stats = self.stats.version, Stats(name=self.name)
+            self.stats.version = version
+
     def submit(self, *, seed: int, labels: np.ndarray, guidance: float, eta: float, sampler: type[Sampler],
                steps: int, deliver: Callable[[object], None], preview_every: int = 0,
                deadline: float | None = None, init: np.ndarray | None = None, strength: float = 1.0,

@@ -25,6 +25,7 @@ Deadlines are absolute `time.monotonic()` values (gRPC: time.monotonic() + conte
 from __future__ import annotations
 
 import asyncio
+import gc
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -42,7 +43,7 @@ from serve.families import DENOISE, FAMILIES, GAUSSIAN, FamilySpec
 from serve.manifest import GraphInfo, Manifest, TensorInfo
 from serve.repository import IndexEntry, ModelVersion, Repository, check_name
 from serve.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, NoiseSchedule, state_size
-from serve.session import CUDA, DenoisingSession, GraphRunner, available_threads, parse_device
+from serve.session import CUDA, DenoisingSession, GraphRunner, Transfers, available_threads, parse_device
 from serve.validate import (
     MAX_GUIDANCE,
     NP_DTYPES,
@@ -128,13 +129,27 @@ CAN: dict[str, Callable[[FamilySpec], bool]] = {
 }
 
 
+WARMUP_REQUESTS = 3  # per graph and per denoising loop at load; measured: BENCHMARKS, the first request after ready
+
+
+def settle_heap() -> None:
+    """Collect once, then freeze what survives out of the cyclic collector's scans: loaded models live as long as
+    the server, and a full collection over a loaded server's objects (about 40,000 with the shipped models) costs
+    about 10 ms (35 ms the first time), which would land on whichever request triggered it."""
+    gc.unfreeze()  # what a previous load froze and an unload released can be collected now
+    gc.collect()
+    gc.freeze()
+
+
 class Runtime:
     """The serving core; see the module docstring. Task methods are coroutines; `sync` has them blocking."""
 
     def __init__(self, repo_root: str | Path, device: str = "auto", max_batch_size: int | None = None,
                  max_queue_delay_ms: float | None = None, max_queue_size: int = 1024, threads: int | None = None,
                  max_n: int = 256, fp16: bool | None = None, max_steps: int = MAX_STEPS, spin: bool = True,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, freeze_heap: bool = False):
+        """freeze_heap: the caller owns the process (gen serve): after every load the heap is collected and frozen
+        (settle_heap), which an embedding application may not want done to its own objects."""
         kind, _ = parse_device(device)
         if kind == "cuda" and CUDA not in ort.get_available_providers():
             raise FailedPrecondition(f"device='cuda': this onnxruntime has no {CUDA} (it offers "
@@ -163,33 +178,59 @@ class Runtime:
         self.max_steps = max_steps  # per Generate request (also bounded by the model's training timesteps)
         self.fp16 = fp16
         self.cuda_graphs = cuda_graphs  # diffusion loops on CUDA: one captured CUDA graph per batch-size bucket
+        self.freeze_heap = freeze_heap
         self._lock = threading.Lock()
         self._batchers: dict[tuple[ModelVersion, str], DynamicBatcher] = {}
         self._schedulers: dict[ModelVersion, DiffusionScheduler] = {}
         self._closed = False
         self.repository = Repository(repo_root, self._open_graph, self._prepare_version)
         self.sync = SyncRuntime(self)
+        if freeze_heap:
+            settle_heap()
 
     def _open_graph(self, version_dir: Path, graph: GraphInfo) -> GraphRunner:
         return GraphRunner(version_dir, graph, self.device, self.threads, self.fp16, self.spin)
 
     def _prepare_version(self, mv: ModelVersion) -> dict:
-        """Make a version warm before it is READY (Triton's model_warmup): every graph runs once on a zero row,
-        and a denoising model's iteration graph is built around its denoiser (from the bytes its runner read: each
-        file is read once) and stepped once, so the first request pays for neither and a denoiser the builder
-        refuses leaves the version UNAVAILABLE."""
-        for name, runner in mv.runners.items():  # one row; an unbatched graph: its own shapes (dynamic dims 1)
-            runner.run({t.name: np.zeros(_zero_shape(t, mv.manifest.batched), NP_DTYPES[t.dtype])
-                        for t in mv.manifest.graphs[name].inputs})
+        """Make a version warm before it is READY (Triton's model_warmup): each graph's batcher and a denoising
+        model's scheduler are created now and answer WARMUP_REQUESTS requests on their own threads (a thread's first
+        runs fault in its onnxruntime scratch memory, hundreds of pages, and run the serving code before the
+        interpreter has specialised it); the iteration graph is built around the denoiser from the bytes its runner
+        read (each file is read once). The counters start at zero afterwards. A graph that fails here, or a
+        denoiser the builder refuses, leaves the version UNAVAILABLE."""
         sources = {name: runner.take_source() for name, runner in mv.runners.items()}  # held no longer than this
         denoiser = FAMILIES[mv.manifest.family].denoiser
-        if denoiser is None:
-            return {}
-        session = DenoisingSession(mv.path, mv.manifest, state_size(), capacity=self._mbs(mv), device=self.device,
-                                   threads=self.threads, spin=self.spin, fp16=self.fp16,
-                                   cuda_graphs=self.cuda_graphs, source=sources.get(denoiser))
-        session.warm_up()
-        return {"denoising": session}
+        extras, made = {}, []
+        try:
+            for graph in mv.runners:  # one row; an unbatched graph: its own shapes (dynamic dims 1)
+                batcher = self._new_batcher(mv, graph)
+                made.append(batcher)
+                zeros = {t.name: np.zeros(_zero_shape(t, mv.manifest.batched), NP_DTYPES[t.dtype])
+                         for t in mv.manifest.graphs[graph].inputs}
+                for _ in range(WARMUP_REQUESTS):
+                    batcher.run_sync(zeros)
+                batcher.reset_statistics()
+            if denoiser is not None:
+                session = DenoisingSession(mv.path, mv.manifest, state_size(), capacity=self._mbs(mv),
+                                           device=self.device, threads=self.threads, spin=self.spin, fp16=self.fp16,
+                                           cuda_graphs=self.cuda_graphs, source=sources.get(denoiser))
+                scheduler = self._new_scheduler(mv, session)
+                made.append(scheduler)
+                for _ in range(WARMUP_REQUESTS):
+                    _warm_generate(scheduler, mv.manifest)
+                scheduler.reset_statistics()
+                session.transfers = Transfers()  # a request's copies are counted from zero
+                extras["denoising"] = session
+        except BaseException:
+            for made_one in made:
+                made_one.close(drain=False)
+            raise
+        with self._lock:
+            for graph, batcher in zip(mv.runners, made):
+                self._batchers[(mv, graph)] = batcher
+            if denoiser is not None:
+                self._schedulers[mv] = made[-1]
+        return extras
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -311,6 +352,8 @@ class Runtime:
         finally:
             after = set(self.repository.versions(model))
             self._retire([mv for mv in before if mv not in after])
+            if self.freeze_heap:
+                settle_heap()
 
     def _model_of(self, name: str) -> str:
         check_name(name)
@@ -333,32 +376,35 @@ class Runtime:
     # --- batchers, schedulers, statistics --------------------------------------------------------
 
     def batcher(self, mv: ModelVersion, graph: str) -> DynamicBatcher:
-        """The batcher of one graph of a loaded version (created on first use)."""
+        """The batcher of one graph of a loaded version (made and warmed when the version was prepared)."""
         with self._lock:
             b = self._batchers.get((mv, graph))
             if b is None:
                 self._check_serving(mv)
-                run = mv.runners[graph].run if mv.manifest.batched else _one_request(mv.runners[graph].run)
-                b = DynamicBatcher(run, name=f"{mv.name}.{graph}", max_batch_size=max(self._mbs(mv), 1),
-                                   max_queue_delay_ms=self._delay(mv), max_queue_size=self.max_queue_size)
-                b.stats.version = mv.version
-                self._batchers[(mv, graph)] = b
+                raise Unavailable(f"model {mv.name!r} version {mv.version}: {graph} has no batcher; reload it")
             return b
 
     def scheduler(self, mv: ModelVersion) -> DiffusionScheduler:
-        """The step-level scheduler of a loaded diffusion version (created on first use)."""
+        """The step-level scheduler of a loaded diffusion version (made and warmed when the version was prepared)."""
         with self._lock:
             s = self._schedulers.get(mv)
             if s is None:
                 self._check_serving(mv)
-                m = mv.manifest
-                session = mv.extras["denoising"]  # built and warmed when the version was prepared
-                schedule = NoiseSchedule.from_manifest(m.diffusion)
-                s = DiffusionScheduler(session, schedule, name=mv.name, max_batch_size=self._mbs(mv),
-                                       max_queue_size=self.max_queue_size)
-                s.stats.version = mv.version
-                self._schedulers[mv] = s
+                raise Unavailable(f"model {mv.name!r} version {mv.version} has no denoising loop; reload it")
             return s
+
+    def _new_batcher(self, mv: ModelVersion, graph: str) -> DynamicBatcher:
+        run = mv.runners[graph].run if mv.manifest.batched else _one_request(mv.runners[graph].run)
+        b = DynamicBatcher(run, name=f"{mv.name}.{graph}", max_batch_size=max(self._mbs(mv), 1),
+                           max_queue_delay_ms=self._delay(mv), max_queue_size=self.max_queue_size)
+        b.stats.version = mv.version
+        return b
+
+    def _new_scheduler(self, mv: ModelVersion, session: DenoisingSession) -> DiffusionScheduler:
+        s = DiffusionScheduler(session, NoiseSchedule.from_manifest(mv.manifest.diffusion), name=mv.name,
+                               max_batch_size=self._mbs(mv), max_queue_size=self.max_queue_size)
+        s.stats.version = mv.version
+        return s
 
     def statistics(self, name: str | None = None, version: int | None = None) -> list[Stats]:
         """Counters of every graph of every READY version ("<model>.<graph>", zero until used), plus one
@@ -622,8 +668,22 @@ def _per_image(name: str, x: np.ndarray, n: int) -> np.ndarray:
 
 
 def _zero_shape(t: TensorInfo, batched: bool) -> tuple[int, ...]:
-    """The warm-up input's shape: one row of a batched graph, an unbatched one's own shape; dynamic dims 1."""
-    return (1, *(max(d, 1) for d in t.shape[1:])) if batched else tuple(max(d, 1) for d in t.shape)
+    """A warm-up request's input shape as the batcher takes it: one row of a batched graph; an unbatched graph's
+    own shape (dynamic dims 1) under the leading axis of one that _whole_tensor adds."""
+    return (1, *(max(d, 1) for d in t.shape[1:])) if batched else (1, *(max(d, 1) for d in t.shape))
+
+
+def _warm_generate(scheduler: DiffusionScheduler, m: Manifest) -> None:
+    """One image through the denoising loop as a default request runs it (a student: its default steps and sampler;
+    otherwise the default sampler at 2 steps: every step runs the same code); raises what the loop reported."""
+    steps = m.student["default_steps"] if m.student else 2
+    sampler = SAMPLERS[m.student_sampler(steps) if m.student else DEFAULT_SAMPLER]
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    scheduler.submit(seed=0, labels=np.zeros(1, np.int64), guidance=m.default_guidance, eta=0.0, sampler=sampler,
+                     steps=steps, deliver=events.put)
+    while not isinstance(event := events.get(), Done):
+        if isinstance(event, BaseException):
+            raise event
 
 
 def _whole_tensor(value, t: TensorInfo) -> np.ndarray:

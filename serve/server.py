@@ -44,6 +44,7 @@ class ServerConfig:
     max_steps: int = 1000  # diffusion steps per Generate request
     threads: int | None = None  # onnxruntime intra-op threads per session; None: the cores this process may use
     spin: bool = True  # idle onnxruntime worker threads spin (fastest when the server has the cores to itself)
+    freeze_heap: bool = False  # the server owns its process (gen serve): loads end with runtime.settle_heap()
     tls_cert: str | None = None  # PEM files; with both set the port speaks TLS only
     tls_key: str | None = None
     tls_client_ca: str | None = None  # set: clients must present a certificate signed by it (mTLS)
@@ -212,7 +213,7 @@ class GenServer:
         self.runtime = Runtime(Path(config.repo), device=config.device, max_batch_size=config.max_batch_size,
                                max_queue_delay_ms=config.max_queue_delay_ms, max_queue_size=config.max_queue_size,
                                max_n=config.max_images, max_steps=config.max_steps, threads=config.threads,
-                               spin=config.spin)
+                               spin=config.spin, freeze_heap=config.freeze_heap)
         self.server: grpc.aio.Server | None = None
         self.health = health.HealthServicer()
         self.port: int | None = None
@@ -224,6 +225,7 @@ class GenServer:
     async def start(self) -> int:
         from serve.generator import GeneratorServicer
         from serve.oip import InferenceServicer
+        from serve.runtime import settle_heap
 
         c = self.config
         credentials = tls_credentials(c)
@@ -247,6 +249,8 @@ class GenServer:
             raise OSError(f"cannot listen on {c.host}:{c.port}")
         await self.server.start()
         await self._start_http()
+        if c.freeze_heap:  # what start() imported and built lives as long as the server, as the models do
+            settle_heap()
         for name in ("", *services[:2]):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port

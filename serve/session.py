@@ -261,16 +261,6 @@ class DenoisingSession:
             self._buffers[b] = buf
         return buf
 
-    def warm_up(self) -> None:
-        """One admit and one iteration on a zero row in slot 0 (what a new row overwrites), so that sessions,
-        kernels and buffers exist before the first request; the transfer counters start at zero afterwards."""
-        self.admit(np.array([0]), np.zeros((1, *self.image_shape), np.float32))
-        S = self.state_size
-        self.step(slots=np.array([0]), t=np.zeros(1, self.time_dtype), label=np.zeros(1, np.int64),
-                  guidance=np.ones(1, np.float32), conv=np.array([[1.0, 0.0, 0.0]], np.float32),
-                  coef=np.zeros((1, S, S + 2), np.float32), noise=None).x()
-        self.transfers = Transfers()
-
     # --- the loop's operations -------------------------------------------------------------------
 
     def admit(self, slots: np.ndarray, x_T: np.ndarray, known: np.ndarray | None = None,

@@ -326,15 +326,23 @@ def test_load_and_unload(tiny_repo, tmp_path):
 # --- warm versions ---------------------------------------------------------------------------------------
 
 def test_a_version_is_ready_only_when_warm(tiny_repo):
-    """Loading builds each denoising model's iteration graph and runs every graph once: the scheduler then uses
-    that session, and nothing is built on the first request."""
+    """Loading builds each denoising model's iteration graph, and each graph's batcher and each denoising loop have
+    answered warm-up requests on their own threads before the version is READY; the counters start at zero."""
     with Runtime(tiny_repo / "exported", device="cpu") as rt:
         for name in ("tiny-diffusion", "tiny-flow", "tiny-diffusion-student"):
             mv = rt.repository.resolve(name)
             session = mv.extras["denoising"]
             assert session.transfers.uploads == 0, "the warm-up's copies are not counted"
-            assert rt.scheduler(mv).session is session
-        assert "denoising" not in rt.repository.resolve("tiny-gan").extras
+            scheduler = rt.scheduler(mv)
+            assert scheduler.session is session and scheduler._thread is not None, "the loop's thread is running"
+            assert scheduler.statistics().execution_count == 0
+        mv = rt.repository.resolve("tiny-gan")
+        assert "denoising" not in mv.extras
+        for graph in mv.runners:
+            batcher = rt.batcher(mv, graph)
+            assert batcher._thread is not None and batcher.statistics().execution_count == 0
+        executions = {s.name: s.execution_count for s in rt.statistics()}
+        assert executions and not any(executions.values()), executions
 
 
 def test_a_denoiser_the_loop_cannot_be_built_around_is_unavailable(tiny_repo, tmp_path):

@@ -74,9 +74,10 @@ def test_every_graph_infers_like_onnxruntime(client, server):
 
 
 def test_concurrent_requests_are_batched(client):
-    """16 concurrent requests on one graph run in fewer executions (ModelStatistics)."""
+    """16 concurrent requests on one graph run in fewer executions (ModelStatistics). The batcher merges the rows
+    queued when a run ends, and a run of this graph takes microseconds, so whether 16 client threads' requests
+    overlap in the server is a matter of timing: up to 5 rounds, one of which must batch."""
     name = "tiny-gan.generator"
-    before = client.get_inference_statistics(name, as_json=True)["model_stats"][0]
     z_dim = int(client.get_model_metadata(name, as_json=True)["inputs"][0]["shape"][1])
 
     def one(i):
@@ -85,13 +86,20 @@ def test_concurrent_requests_are_batched(client):
         inputs[1].set_data_from_numpy(np.array([i % 10], np.int64))
         return client.infer(name, inputs).as_numpy("image")
 
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        outs = list(pool.map(one, range(16)))
-    assert all(o.shape[0] == 1 for o in outs)
-    after = client.get_inference_statistics(name, as_json=True)["model_stats"][0]
-    requests = int(after["inference_count"]) - int(before.get("inference_count", 0))
-    executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
-    assert requests == 16 and executions < 16, (requests, executions)
+    rounds = []
+    for _ in range(5):
+        before = client.get_inference_statistics(name, as_json=True)["model_stats"][0]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            outs = list(pool.map(one, range(16)))
+        assert all(o.shape[0] == 1 for o in outs)
+        after = client.get_inference_statistics(name, as_json=True)["model_stats"][0]
+        requests = int(after["inference_count"]) - int(before.get("inference_count", 0))
+        executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
+        assert requests == 16, requests
+        rounds.append(executions)
+        if executions < 16:
+            break
+    assert rounds[-1] < 16, rounds
     assert int(after["inference_stats"]["success"]["count"]) >= 16
 
 
