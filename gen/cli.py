@@ -447,9 +447,11 @@ def _sweep(root, names: list[str], config, sweep_steps: str, json_path: str | No
               help="PEM CA: require client certificates signed by it (mutual TLS).")
 @click.option("--auth-token-file", type=click.Path(exists=True, dir_okay=False),
               help="Require 'authorization: Bearer TOKEN' (a token per line; $GEN_AUTH_TOKEN adds one).")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Server processes sharing the ports (SO_REUSEPORT), each with its own copy of the models.")
 def serve_cmd(repo, host, port, device, http_port, no_http, metrics_port, max_batch_size, max_queue_delay_ms,
               max_queue_size, allow_repository_control, grace, max_images, max_steps, max_message_mb, threads, spin,
-              tls_cert, tls_key, tls_client_ca, auth_token_file):
+              tls_cert, tls_key, tls_client_ca, auth_token_file, workers):
     """Serve the model repository until SIGTERM: gRPC (KServe OIP v2 and gen.v1.Generator) on --port, OIP v2
     over REST and Prometheus /metrics on --http-port.
 
@@ -466,6 +468,9 @@ def serve_cmd(repo, host, port, device, http_port, no_http, metrics_port, max_ba
         parse_device(device)
     except ValueError:
         raise UserError(f"--device {device}: use auto, cpu, cuda or cuda:N (N = the GPU's index)") from None
+    if workers > 1 and allow_repository_control:
+        raise UserError("--allow-repository-control with --workers: a load or unload would reach one worker only; "
+                        "serve with one worker, or restart the workers to change the models")
     healthy = [e for e in scan_repository(Path(repo)) if e.healthy]
     if not healthy:
         raise UserError(f"--repo {repo}: no models to serve; train and export one first, e.g. "
@@ -491,19 +496,26 @@ def serve_cmd(repo, host, port, device, http_port, no_http, metrics_port, max_ba
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    def ready(server, bound):
+    def ready_line(info: dict) -> None:
         names = sorted({e.name for e in healthy})
         scheme = "https" if tls_cert else "http"
-        extra = f", REST on {scheme}://{host}:{server.http_port}" if server.http_port is not None else ""
-        extra += f", metrics on {scheme}://{host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+        extra = f", REST on {scheme}://{host}:{info['http']}" if info["http"] is not None else ""
+        extra += f", metrics on {scheme}://{host}:{info['metrics']}/metrics" if info["metrics"] else ""
+        extra += f", {workers} workers" if workers > 1 else ""
         security = ("TLS" + (" with client certificates" if tls_client_ca else "")) if tls_cert else "plaintext"
         security += ", bearer token required" if tokens else ""
-        click.echo(f"serving {len(names)} models ({', '.join(names)}) on {host}:{bound} "
-                   f"[{server.runtime.device}; {security}]{extra}", err=False)
+        click.echo(f"serving {len(names)} models ({', '.join(names)}) on {host}:{info['grpc']} "
+                   f"[{info['device']}; {security}]{extra}", err=False)
         sys.stdout.flush()
 
     try:
-        asyncio.run(serve_forever(config, ready))
+        if workers > 1:
+            from serve.workers import run_workers
+
+            sys.exit(run_workers(config, workers, ready_line))
+        asyncio.run(serve_forever(config, lambda server, bound: ready_line(
+            {"grpc": bound, "http": server.http_port, "metrics": server.metrics_port,
+             "device": server.runtime.device})))
     except (ServeError, OSError, ValueError) as e:
         raise UserError(str(e)) from None
 

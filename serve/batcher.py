@@ -134,6 +134,32 @@ class Stats:
         """Batch size -> (runs, compute ns), sorted by size."""
         return {size: (v[0], v[1] + v[2] + v[3]) for size, v in sorted(self.batch_sizes.items())}
 
+    def add(self, other: Stats) -> None:
+        """Add another process's counters of the same model version (gen serve --workers)."""
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, Histogram):
+                mine.counts = [a + b for a, b in zip(mine.counts, theirs.counts)]
+                mine.sum_ns += theirs.sum_ns
+            elif f.name == "failures":
+                for code, count in theirs.items():
+                    mine[code] = mine.get(code, 0) + count
+            elif f.name == "batch_sizes":
+                for size, entry in theirs.items():
+                    mine[size] = [a + b for a, b in zip(mine.get(size, [0, 0, 0, 0]), entry)]
+            elif f.name == "last_inference_ms":
+                self.last_inference_ms = max(mine, theirs)
+            elif f.type == "int" and f.name != "version":
+                setattr(self, f.name, mine + theirs)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Stats:
+        hists = {k: Histogram(**d[k]) for k in ("request_hist", "queue_hist", "compute_hist")}
+        return cls(**{**d, **hists, "batch_sizes": {int(k): v for k, v in d["batch_sizes"].items()}})
+
     def snapshot(self) -> Stats:
         """A copy (take it under the owner's lock)."""
         return dataclasses.replace(self, failures=dict(self.failures),

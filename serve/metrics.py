@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Metric, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 
 from serve.batcher import BUCKETS_S, Histogram
 
@@ -71,14 +72,68 @@ class RuntimeCollector:
 
 
 class MetricsEndpoint:
-    """A registry of the runtime's metrics and the process collector; `handle` is the aiohttp GET handler."""
+    """A registry of the runtime's metrics and the process collector; `handle` is the aiohttp GET handler.
 
-    def __init__(self, runtime):
+    One of gen serve --workers' processes (`peers` set) answers a scrape with every worker's numbers: the runtime's
+    statistics already add up the workers' counters (Runtime.statistics), and the process metrics (CPU seconds,
+    memory, open files) are summed here, with gen_workers saying how many workers answered.
+    """
+
+    def __init__(self, runtime, peers=None):
         self.registry = CollectorRegistry()
         self.registry.register(RuntimeCollector(runtime))
-        ProcessCollector(registry=self.registry)
+        self.process = CollectorRegistry()
+        ProcessCollector(registry=self.process)
+        self.peers = peers
+
+    def render(self) -> bytes:
+        process = [generate_latest(self.process).decode()]
+        if self.peers is not None:
+            process += [body.decode() for body in self.peers.gather("/process-metrics")]
+        return added_up(process, workers=self.peers is not None) + generate_latest(self.registry)
 
     async def handle(self, request: web.Request) -> web.Response:
-        # rendering reads /proc and takes the batchers' locks: off the event loop that serves requests
-        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, self.registry)
+        # rendering reads /proc, takes the batchers' locks and may ask the other workers: off the event loop
+        body = await asyncio.get_running_loop().run_in_executor(None, self.render)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def added_up(texts: list[str], workers: bool = True) -> bytes:
+    """Prometheus text expositions of several processes as one: each sample summed over the processes (start and
+    creation times: the earliest; the file-descriptor limit: the largest), plus gen_workers (how many answered)."""
+    families: dict[str, Metric] = {}
+    values: dict[tuple[str, tuple], float] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in values:
+                    values[key] = sample.value
+                    merged.samples.append(sample)
+                elif sample.name.endswith(("_start_time_seconds", "_created")):
+                    values[key] = min(values[key], sample.value)
+                elif sample.name == "process_max_fds":
+                    values[key] = max(values[key], sample.value)
+                else:
+                    values[key] += sample.value
+    out = []
+    if workers:
+        count = Metric("gen_workers", "Worker processes whose metrics are added up here", "gauge")
+        count.add_sample("gen_workers", {}, len(texts))
+        out.append(count)
+    for family in families.values():
+        family.samples = [s._replace(value=values[(s.name, tuple(sorted(s.labels.items())))])
+                          for s in family.samples]
+        out.append(family)
+    registry = CollectorRegistry()
+    registry.register(_Fixed(out))
+    return generate_latest(registry)
+
+
+class _Fixed:
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)

@@ -4,6 +4,7 @@ tritonclient and perf_analyzer use. Every exported graph is a model here, named 
 """
 from __future__ import annotations
 
+import asyncio
 import re
 
 import grpc
@@ -182,7 +183,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelStatistics(self, request, context):
-        return model_statistics(self.runtime, request.name, request.version)
+        # off the event loop: with --workers it asks the other workers for their counters
+        return await asyncio.to_thread(model_statistics, self.runtime, request.name, request.version)
 
     @rpc
     async def RepositoryIndex(self, request, context):

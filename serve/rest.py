@@ -8,6 +8,7 @@ answer has the protocol's body, {"error": "<message>"}.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -268,8 +269,10 @@ class RestHandlers:
         return _json(json_of(model_config(self.runtime, *_model(request))))
 
     async def statistics(self, request: web.Request) -> web.Response:
-        return _json(json_of(model_statistics(self.runtime, request.match_info.get("name", ""),
-                                              request.match_info.get("version", ""))))
+        # off the event loop: with --workers it asks the other workers for their counters
+        return _json(json_of(await asyncio.to_thread(model_statistics, self.runtime,
+                                                     request.match_info.get("name", ""),
+                                                     request.match_info.get("version", ""))))
 
     async def repository_index(self, request: web.Request) -> web.Response:
         doc = _dict(_json_body(await request.read(), "body"), "body")

@@ -179,6 +179,7 @@ class Runtime:
         self.fp16 = fp16
         self.cuda_graphs = cuda_graphs  # diffusion loops on CUDA: one captured CUDA graph per batch-size bucket
         self.freeze_heap = freeze_heap
+        self.peers = None  # gen serve --workers: the other workers (serve.peers.Peers), whose counters add up
         self._lock = threading.Lock()
         self._batchers: dict[tuple[ModelVersion, str], DynamicBatcher] = {}
         self._schedulers: dict[ModelVersion, DiffusionScheduler] = {}
@@ -408,7 +409,24 @@ class Runtime:
 
     def statistics(self, name: str | None = None, version: int | None = None) -> list[Stats]:
         """Counters of every graph of every READY version ("<model>.<graph>", zero until used), plus one
-        per diffusion model ("<model>": its step-level scheduler); `name` and `version` filter."""
+        per diffusion model ("<model>": its step-level scheduler); `name` and `version` filter. One of gen serve
+        --workers' processes adds the other workers' counters (`peers`; it blocks while it asks them)."""
+        rows = self.local_statistics(version)
+        if self.peers is not None:
+            mine = {(r.name, r.version): r for r in rows}
+            for other in self.peers.statistics():
+                for r in other:
+                    if (r.name, r.version) in mine:  # a version the others serve and this one not: left out
+                        mine[(r.name, r.version)].add(r)
+        if name:
+            check_name(name)
+            rows = [r for r in rows if r.name == name]
+            if not rows:
+                self.resolve_graph(name, version)  # NotFound / Unavailable with the reason
+        return rows
+
+    def local_statistics(self, version: int | None = None) -> list[Stats]:
+        """This process's counters (copies), as `statistics` without a name and without the other workers."""
         with self._lock:
             batchers, schedulers = dict(self._batchers), dict(self._schedulers)
         rows = []
@@ -421,11 +439,6 @@ class Runtime:
                     rows.append(b.statistics() if b else Stats(name=f"{model}.{graph}", version=mv.version))
                 if mv in schedulers:
                     rows.append(schedulers[mv].statistics())
-        if name:
-            check_name(name)
-            rows = [r for r in rows if r.name == name]
-            if not rows:
-                self.resolve_graph(name, version)  # NotFound / Unavailable with the reason
         return rows
 
     def _check_serving(self, mv: ModelVersion) -> None:

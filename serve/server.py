@@ -45,6 +45,8 @@ class ServerConfig:
     threads: int | None = None  # onnxruntime intra-op threads per session; None: the cores this process may use
     spin: bool = True  # idle onnxruntime worker threads spin (fastest when the server has the cores to itself)
     freeze_heap: bool = False  # the server owns its process (gen serve): loads end with runtime.settle_heap()
+    worker_dir: str | None = None  # one of gen serve --workers' processes: the ports are shared (SO_REUSEPORT)
+    # and each worker's own metrics port is written here, for whichever worker a scrape reaches to add them up
     tls_cert: str | None = None  # PEM files; with both set the port speaks TLS only
     tls_key: str | None = None
     tls_client_ca: str | None = None  # set: clients must present a certificate signed by it (mTLS)
@@ -192,14 +194,15 @@ def tls_context(c: ServerConfig) -> ssl.SSLContext | None:
     return context
 
 
-async def _listen(app, host: str, port: int, context: ssl.SSLContext | None, grace_s: float):
-    """Start an aiohttp app on host:port; (runner, the port it got). runner.cleanup() lets in-flight
-    requests finish for up to grace_s."""
+async def _listen(app, host: str, port: int, context: ssl.SSLContext | None, grace_s: float,
+                  reuse_port: bool = False):
+    """Start an aiohttp app on host:port (reuse_port: shared with the other workers); (runner, the port it got).
+    runner.cleanup() lets in-flight requests finish for up to grace_s."""
     from aiohttp import web
 
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace_s)
     await runner.setup()
-    await web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True).start()
+    await web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True, reuse_port=reuse_port).start()
     return runner, runner.addresses[0][1]
 
 
@@ -232,7 +235,10 @@ class GenServer:
         interceptors = [BearerTokenAuth(c.auth_tokens)] if c.auth_tokens else []
         self.server = grpc.aio.server(interceptors=[*interceptors, MalformedRequests(), self.active],
                                       options=[("grpc.max_receive_message_length", c.max_message_bytes),
-                                               ("grpc.max_send_message_length", c.max_message_bytes)])
+                                               ("grpc.max_send_message_length", c.max_message_bytes),
+                                               # shared only among workers: a second server on a taken port
+                                               # is an error, not a silent split of the traffic
+                                               ("grpc.so_reuseport", int(c.worker_dir is not None))])
         await self.runtime.start()
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.runtime, allow_repository_control=c.allow_repository_control), self.server)
@@ -243,10 +249,14 @@ class GenServer:
                     health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self.server)
         address = f"{c.host}:{c.port}"
-        self.port = self.server.add_secure_port(address, credentials) if credentials else \
-            self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_secure_port(address, credentials) if credentials else \
+                self.server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind": the port is taken or the address is not this machine's
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {c.host}:{c.port}")
+            raise OSError(f"cannot listen on {c.host}:{c.port}: the port is in use or the address is not this "
+                          "machine's")
         await self.server.start()
         await self._start_http()
         if c.freeze_heap:  # what start() imported and built lives as long as the server, as the models do
@@ -258,19 +268,27 @@ class GenServer:
     async def _start_http(self) -> None:
         """REST on http_port and /metrics on metrics_port: the same auth and TLS as the gRPC port."""
         from serve.metrics import MetricsEndpoint
+        from serve.peers import Peers, own_app
         from serve.rest import make_app, metrics_app
 
         c = self.config
         context = tls_context(c)
-        metrics = MetricsEndpoint(self.runtime)
+        shared = c.worker_dir is not None
+        if shared:  # this worker's own counters, for the others to add up: loopback, plain HTTP
+            self.runtime.peers = Peers(Path(c.worker_dir))
+        metrics = MetricsEndpoint(self.runtime, self.runtime.peers)
+        if shared:
+            runner, own = await _listen(own_app(self.runtime, metrics.process), "127.0.0.1", 0, None, c.grace_s)
+            self._http_runners.append(runner)
+            self.runtime.peers.publish(own)
         if c.http_port is not None:
             app = make_app(self.runtime, tokens=c.auth_tokens, max_bytes=c.max_message_bytes,
                            allow_repository_control=c.allow_repository_control, metrics=metrics)
-            runner, self.http_port = await _listen(app, c.host, c.http_port, context, c.grace_s)
+            runner, self.http_port = await _listen(app, c.host, c.http_port, context, c.grace_s, shared)
             self._http_runners.append(runner)
         if c.metrics_port is not None:
             app = metrics_app(metrics, tokens=c.auth_tokens)
-            runner, self.metrics_port = await _listen(app, c.host, c.metrics_port, context, c.grace_s)
+            runner, self.metrics_port = await _listen(app, c.host, c.metrics_port, context, c.grace_s, shared)
             self._http_runners.append(runner)
 
     async def stop(self, grace: float | None = None) -> None:
