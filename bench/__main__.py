@@ -1,9 +1,11 @@
 """`python -m bench [--mode quick|full] [--cases forward,serving,...]` (CASES below): run, then write BENCHMARKS.md.
 
-quick (`make bench`) takes about ten minutes on 2 cores (case 6's real-size U-Net about four of them, plus one
-or two to export it the first time): fewer repeats and shorter load runs; full (`make bench-full`) about half an
-hour. Both regenerate BENCHMARKS.md, bench/plots/*.png and bench/results.json from scratch; the exported models are
-rebuilt into bench/.cache when the model sources changed.
+quick (`make bench`) takes about a quarter of an hour on 2 cores (case 2's 96 perf_analyzer points about seven
+minutes of it, case 6's real-size U-Net about four, plus one or two to export it the first time): fewer repeats and
+shorter load runs; full (`make bench-full`) over an hour (case 2 about fifty minutes: 3 repeats of 96 points of
+2 + 8 s); smoke checks that everything runs (case 2 in about two minutes). Each regenerates BENCHMARKS.md,
+bench/plots/*.png and bench/results.json from scratch; the exported models are rebuilt into bench/.cache when the
+model sources changed.
 """
 from __future__ import annotations
 

@@ -34,20 +34,34 @@ def forward(rows: list[dict], path: Path) -> None:
 
 
 def serving(rows: list[dict], path: Path) -> None:
+    """Requests/s and p99 against clients, one row of panels per model, a line per server and protocol (rows of
+    results that predate the model and protocol columns: one model, REST in the server's name)."""
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for server in dict.fromkeys(r["server"] for r in rows):
-        pts = sorted((r["concurrency"], r["throughput"], r["p99_ms"]) for r in rows if r["server"] == server)
-        style = "--" if "REST" in server else "-"
-        a.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=server)
-        b.plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=server)
-    for ax, ylabel in ((a, "requests / s"), (b, "p99 latency (ms)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
-    b.set_yscale("log")
-    fig.suptitle("Case 2: DCGAN generator behind three servers (tritonclient gRPC and REST, CPU)")
+    rows = [{**r, "model": r.get("model", ""), "protocol": r.get("protocol", "")} for r in rows
+            if r["throughput"] > 0 and r.get("p99_ms") is not None and r["p99_ms"] == r["p99_ms"]]  # not NaN
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    colour = {server: f"C{i % 10}" for i, server in enumerate(dict.fromkeys(
+        r["server"].removesuffix(" (REST)") for r in rows))}  # one colour per server, both protocols
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
+    for (a, b), model in zip(axes, models):
+        mine = [r for r in rows if r["model"] == model]
+        for server, protocol in dict.fromkeys((r["server"], r["protocol"]) for r in mine):
+            pts = sorted((r["concurrency"], r["throughput"], r["p99_ms"]) for r in mine
+                         if (r["server"], r["protocol"]) == (server, protocol))
+            style = "--" if "REST" in server or protocol == "REST" else "-"
+            label = f"{server}, {protocol}" if protocol else server
+            c = colour[server.removesuffix(" (REST)")]
+            a.plot([p[0] for p in pts], [p[1] for p in pts], style, color=c, marker="o", label=label)
+            b.plot([p[0] for p in pts], [p[2] for p in pts], style, color=c, marker="o", label=label)
+        for ax, ylabel in ((a, "requests / s"), (b, "p99 latency (ms)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients")
+            ax.set_ylabel(ylabel)
+            if model:
+                ax.set_title(model, fontsize=9)
+        b.set_yscale("log")
+        a.legend(fontsize=6)
+    fig.suptitle("Case 2: serving over gRPC (solid) and REST (dashed), CPU")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
