@@ -40,10 +40,24 @@ def build_tiny_repo(base: Path, log=print) -> Path:
 
 
 def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    """Resident memory of a process and all its descendants (gen serve --workers' workers), KiB."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children[int(fields[1])].append(int(stat.parent.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            total += next(int(line.split()[1]) for line in Path(f"/proc/{p}/status").read_text().splitlines()
+                          if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=10500)
     parser.add_argument("--max-seconds", type=float, default=900)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="gen serve --workers N")
     parser.add_argument("--repo", help="an exported repository of tiny-<family> models to reuse (default: build one)")
     args = parser.parse_args(argv)
 
@@ -77,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("building the tiny models", file=sys.stderr)
             repo = build_tiny_repo(Path(tmp), log=lambda m: print(m, file=sys.stderr))
-        server = start_server(repo)
+        server = start_server(repo, "--workers", str(args.workers))
         channel = grpc.insecure_channel(server.target)
         counts: collections.Counter = collections.Counter()
         per_method: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -132,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         channel.close()
         code = stop_server(server)
 
-    print(f"## Fuzz run: `python -m bench.fuzz --requests {args.requests} --seed {args.seed}`\n")
+    workers = f" --workers {args.workers}" if args.workers > 1 else ""
+    print(f"## Fuzz run: `python -m bench.fuzz --requests {args.requests} --seed {args.seed}{workers}`\n")
     print(f"- machine: {platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU used "
           f"(device cpu), Python {platform.python_version()}")
     print(f"- requests sent: {sent} in {seconds:.0f} s ({sent / seconds:.0f}/s)")
