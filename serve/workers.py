@@ -101,6 +101,7 @@ def _worker(config: ServerConfig, index: int, conn: multiprocessing.connection.C
     from serve.server import serve_forever
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s")
+    _follow_parent()
 
     def ready(server, port):
         conn.send({"device": server.runtime.device})
@@ -111,6 +112,23 @@ def _worker(config: ServerConfig, index: int, conn: multiprocessing.connection.C
     except Exception as e:  # noqa: BLE001 - the supervisor reports one line per worker
         log.error("worker %d: %s", index, e)
         sys.exit(1)
+
+
+def _follow_parent() -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) must not leave its workers serving as orphans on its
+    ports: the kernel sends this worker SIGTERM when its parent dies (Linux's PR_SET_PDEATHSIG), and it drains as
+    on any SIGTERM."""
+    import ctypes
+    import ctypes.util
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the supervisor's own stop is the only stop
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _wait_ready(procs, pipes, stop: _StopSignals) -> str | None:

@@ -2,7 +2,8 @@
 
 Shows what the file promises: calls (not connections) spread over every replica; a rolling restart under load
 (SIGTERM each replica in turn, start it again) fails no unary call and lets a Generate stream in flight on the
-draining replica finish; a replica killed with SIGKILL costs only the calls that were in flight on it.
+draining replica finish; a replica killed with SIGKILL costs only the calls that were in flight on it. Each drill
+runs twice: replicas of one process, and replicas of `gen serve --workers 2`.
 The load is gen's own client, which retries UNAVAILABLE: nginx retries calls whose connection a replica
 refused, but cannot resend one already sent (see the file), which a replica closing its port can drop.
 `.ci/run` installs nginx where it is missing; elsewhere this module says why it skips.
@@ -91,24 +92,37 @@ class Cluster:
     replicas: list[RunningServer]
     proxy_port: int
     folder: Path
+    workers: int
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.proxy_port}"
 
     def restart(self, i: int) -> None:
-        self.replicas[i] = start_replica(self.repo, self.replicas[i].port)
+        self.replicas[i] = start_replica(self.repo, self.replicas[i].port, self.workers)
 
     def error_log(self) -> str:
         return (self.folder / "error.log").read_text(errors="replace")
 
 
-def start_replica(repo: Path, port: int) -> RunningServer:
-    return start_server(repo, "--grace", GRACE_S, "--max-queue-delay-ms", "0", port=port)
+def start_replica(repo: Path, port: int, workers: int) -> RunningServer:
+    return start_server(repo, "--grace", GRACE_S, "--max-queue-delay-ms", "0", "--workers", str(workers), port=port)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def kill_replica(replica: RunningServer) -> None:
+    """SIGKILL to every process of a replica (its workers first: killed alone, a supervisor's workers drain)."""
+    out = subprocess.run(["pgrep", "-P", str(replica.proc.pid)], capture_output=True, text=True).stdout
+    for pid in map(int, out.split()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    replica.proc.kill()
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["one process", "2 workers"])
+def cluster(tmp_path_factory, request):
+    workers = request.param
     folder = tmp_path_factory.mktemp("nginx")
     repo = small_repo(folder / "exported")
     proxy_port, *ports = free_ports(4)
@@ -116,7 +130,7 @@ def cluster(tmp_path_factory):
     nginx = None
     try:
         for port in ports:
-            replicas.append(start_replica(repo, port))
+            replicas.append(start_replica(repo, port, workers))
         (folder / "gen.conf").write_text(render(proxy_port, ports))
         # as root the master hands work to an unprivileged user, who could not enter pytest's private folders
         user = "user root root;" if os.geteuid() == 0 else ""
@@ -126,7 +140,7 @@ def cluster(tmp_path_factory):
         assert check.returncode == 0, f"nginx rejects {CONF}:\n{check.stderr}"
         nginx = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_listening(proxy_port, nginx)
-        yield Cluster(repo, replicas, proxy_port, folder)
+        yield Cluster(repo, replicas, proxy_port, folder, workers)
     finally:
         if nginx is not None:
             nginx.terminate()
@@ -271,7 +285,7 @@ def test_sigkill_costs_only_the_calls_in_flight(cluster):
         time.sleep(0.5)
         stream, _, channel = stream_on(cluster.target, victim.port)
         killed_at = time.monotonic()
-        victim.proc.kill()
+        kill_replica(victim)
         with pytest.raises(grpc.RpcError):  # the stream in flight on it is lost
             for _ in stream:
                 pass

@@ -120,3 +120,22 @@ def test_a_taken_port_is_an_error_not_a_split(served_repo):
         assert f"{first.port}" in proc.stderr, proc.stderr[-500:]
     finally:
         stop_server(first)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(served_repo):
+    srv = start_server(served_repo, "--device", "cpu", "--workers", "2", "--no-http")
+    workers = _workers(srv)
+    assert len(workers) == 2
+    srv.proc.kill()
+    srv.proc.wait(timeout=10)
+    deadline = time.monotonic() + 60  # they drain as on SIGTERM, then exit
+    while time.monotonic() < deadline and any(_running(pid) for pid in workers):
+        time.sleep(0.2)
+    assert not [pid for pid in workers if _running(pid)], "workers still run after their supervisor was killed"
