@@ -88,12 +88,18 @@ def test_a_request_in_a_busy_batch_equals_it_alone(tiny_repo):
             results = await asyncio.gather(rt.sample("tiny-gan", 3, seed=11, labels=[1, 2, 3]), *others)
             return results[0]
 
-        before = rt.batcher(rt.repository.resolve("tiny-gan"), "generator").statistics().execution_count
-        shared = asyncio.run(busy())
-        stats = rt.batcher(rt.repository.resolve("tiny-gan"), "generator").statistics()
+        # the batcher merges what is queued when a run ends, and a run of this graph takes microseconds, so
+        # whether the 13 requests overlap is timing (the worker may take each as it comes): up to 5 rounds
+        batcher = rt.batcher(rt.repository.resolve("tiny-gan"), "generator")
+        for _ in range(5):
+            before = batcher.statistics().execution_count
+            shared = asyncio.run(busy())
+            assert rel(shared.images, alone.images) <= 1e-4
+            stats = batcher.statistics()
+            if stats.execution_count - before < 13:
+                break
         assert stats.execution_count - before < 13, "13 concurrent requests must share runs"
         assert max(stats.batch_sizes) > 4
-        assert rel(shared.images, alone.images) <= 1e-4
 
 
 def test_thread_and_spin_options_reach_the_sessions_and_not_the_results(rt, tiny_repo):
