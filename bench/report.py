@@ -296,6 +296,15 @@ def _serving_targets(s: dict) -> list[str]:
             rows.append(f"| 2 | `{model}`, 32 clients, gRPC: batching on >= 5x batching off | x{_f(g['vs_off'])} | "
                         f"{_verdict(g['vs_off'] >= 5)} |")
         cpu = {p: _serving_summary(s, model, p) for p in ("gRPC", "REST")}
+        for proto, c in cpu.items():  # issue 25's targets, per protocol
+            if c is not None and c["vs_old"] is not None:
+                driven = " (old: bench/loadgen.py)" if c["old"].get("driver", "").endswith("loadgen.py") else ""
+                rows.append(f"| 2 | `{model}`, 32 clients, {proto}: gen's best configuration >= 2.5x gen before "
+                            f"issue 25 | x{_f(c['vs_old'])} ({c['best']['server']}){driven} | "
+                            f"{_verdict(c['vs_old'] >= 2.5)} |")
+            if c is not None and c["vs_pytriton"] is not None:
+                rows.append(f"| 2 | `{model}`, 32 clients, {proto}: gen's best configuration >= 1.5x PyTriton | "
+                            f"x{_f(c['vs_pytriton'])} | {_verdict(c['vs_pytriton'] >= 1.5)} |")
         cells = [(p, c) for p, c in cpu.items() if c is not None and c["cpu"] is not None]
         if cells:
             rows.append(f"| 2 | `{model}`, 32 clients: server CPU of gen's best configuration <= {CPU_TARGET_MS:g} ms "
