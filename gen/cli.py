@@ -431,6 +431,9 @@ def _sweep(root, names: list[str], config, sweep_steps: str, json_path: str | No
 @click.option("--allow-repository-control", is_flag=True, help="Allow RepositoryModelLoad/Unload.")
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="Seconds in-flight requests get to finish on SIGTERM.")
+@click.option("--drain-delay", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="On SIGTERM, first report not ready (health, /v2/health/ready) and go on serving this many "
+              "seconds, so that balancers following readiness move away before the port closes.")
 @click.option("--max-images", type=click.IntRange(1), default=256, show_default=True,
               help="Images (n, or tensor rows) per request.")
 @click.option("--max-steps", type=click.IntRange(1), default=1000, show_default=True,
@@ -450,8 +453,8 @@ def _sweep(root, names: list[str], config, sweep_steps: str, json_path: str | No
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Server processes sharing the ports (SO_REUSEPORT), each with its own copy of the models.")
 def serve_cmd(repo, host, port, device, http_port, no_http, metrics_port, max_batch_size, max_queue_delay_ms,
-              max_queue_size, allow_repository_control, grace, max_images, max_steps, max_message_mb, threads, spin,
-              tls_cert, tls_key, tls_client_ca, auth_token_file, workers):
+              max_queue_size, allow_repository_control, grace, drain_delay, max_images, max_steps, max_message_mb,
+              threads, spin, tls_cert, tls_key, tls_client_ca, auth_token_file, workers):
     """Serve the model repository until SIGTERM: gRPC (KServe OIP v2 and gen.v1.Generator) on --port, OIP v2
     over REST and Prometheus /metrics on --http-port.
 
@@ -488,7 +491,8 @@ def serve_cmd(repo, host, port, device, http_port, no_http, metrics_port, max_ba
                           metrics_port=metrics_port,
                           max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                           max_queue_size=max_queue_size, allow_repository_control=allow_repository_control,
-                          grace_s=grace, max_images=max_images, max_steps=max_steps, threads=threads, spin=spin,
+                          grace_s=grace, drain_delay_s=drain_delay, max_images=max_images, max_steps=max_steps,
+                          threads=threads, spin=spin,
                           max_message_bytes=int(max_message_mb * 1024 * 1024), tls_cert=tls_cert, tls_key=tls_key,
                           tls_client_ca=tls_client_ca, auth_tokens=tokens, freeze_heap=True)
     try:

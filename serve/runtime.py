@@ -180,6 +180,7 @@ class Runtime:
         self.cuda_graphs = cuda_graphs  # diffusion loops on CUDA: one captured CUDA graph per batch-size bucket
         self.freeze_heap = freeze_heap
         self.peers = None  # gen serve --workers: the other workers (serve.peers.Peers), whose counters add up
+        self.draining = False  # gen serve --drain-delay: not ready any more, still serving
         self._lock = threading.Lock()
         self._batchers: dict[tuple[ModelVersion, str], DynamicBatcher] = {}
         self._schedulers: dict[ModelVersion, DiffusionScheduler] = {}
@@ -237,8 +238,8 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        """Serving (not stopped); a model's own readiness is in models() / resolve()."""
-        return not self._closed
+        """Serving (not stopped) and not draining; a model's own readiness is in models() / resolve()."""
+        return not self._closed and not self.draining
 
     async def start(self) -> None:
         """Nothing to do: sessions open in the constructor, worker threads on first use."""

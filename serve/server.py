@@ -39,6 +39,7 @@ class ServerConfig:
     max_queue_size: int = 1024  # per graph; beyond it requests get RESOURCE_EXHAUSTED
     allow_repository_control: bool = False  # RepositoryModelLoad/Unload refused unless set
     grace_s: float = 10.0  # on SIGTERM: stop accepting, let in-flight work finish this long
+    drain_delay_s: float = 0.0  # on SIGTERM, first: not ready (health, ServerReady) but serving, this long
     max_message_bytes: int = MAX_MESSAGE_BYTES  # larger requests are refused with RESOURCE_EXHAUSTED
     max_images: int = 256  # images (n, or rows of a tensor) per request
     max_steps: int = 1000  # diffusion steps per Generate request
@@ -224,6 +225,7 @@ class GenServer:
         self.metrics_port: int | None = None
         self._http_runners = []
         self.active = ActiveCalls()
+        self._services: tuple[str, ...] = ()  # the services health reports on (set by start)
 
     async def start(self) -> int:
         from serve.generator import GeneratorServicer
@@ -261,7 +263,8 @@ class GenServer:
         await self._start_http()
         if c.freeze_heap:  # what start() imported and built lives as long as the server, as the models do
             settle_heap()
-        for name in ("", *services[:2]):
+        self._services = services[:2]
+        for name in ("", *self._services):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
@@ -290,6 +293,16 @@ class GenServer:
             app = metrics_app(metrics, tokens=c.auth_tokens)
             runner, self.metrics_port = await _listen(app, c.host, c.metrics_port, context, c.grace_s, shared)
             self._http_runners.append(runner)
+
+    async def lame_duck(self, seconds: float) -> None:
+        """Report not ready (gRPC health NOT_SERVING, ServerReady and /v2/health/ready false) while serving every
+        call as before, for `seconds`: the time a balancer that follows readiness (a Kubernetes Service, a gRPC
+        client with health checking) takes to send new calls elsewhere before the port closes."""
+        self.runtime.draining = True
+        for name in ("", *self._services):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("not ready: serving %.1f s more before the drain (--drain-delay)", seconds)
+        await asyncio.sleep(seconds)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, finish in-flight calls within `grace` seconds (REST: within config.grace_s), then
@@ -322,5 +335,7 @@ async def serve_forever(config: ServerConfig, ready=None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if config.drain_delay_s > 0:
+        await server.lame_duck(config.drain_delay_s)
     log.info("shutting down: finishing in-flight requests (grace %.1f s)", config.grace_s)
     await server.stop()

@@ -68,7 +68,7 @@ def run_workers(config: ServerConfig, workers: int, ready: Callable[[dict], None
                 return 1
             stop.wait(0.5)
         log.info("shutting down %d workers: finishing in-flight requests (grace %.1f s)", workers, config.grace_s)
-        return 0 if _stop_all(procs, config.grace_s) else 1
+        return 0 if _stop_all(procs, config.drain_delay_s + config.grace_s) else 1
     finally:
         for sock in held:
             sock.close()
@@ -158,7 +158,7 @@ def _stop_all(procs: list[multiprocessing.Process], grace_s: float) -> bool:
         if p.is_alive():
             with contextlib.suppress(ProcessLookupError):
                 p.terminate()
-    deadline = time.monotonic() + grace_s + 30  # the grace, then the runtime's own stop
+    deadline = time.monotonic() + grace_s + 30  # the drain delay and the grace, then the runtime's own stop
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
     return all(p.exitcode == 0 for p in procs)

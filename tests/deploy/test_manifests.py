@@ -111,7 +111,9 @@ def test_deployment_service_and_autoscaler_agree():
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == options["port"], f"{probe} on grpc.health.v1"
     grace = pod["spec"]["terminationGracePeriodSeconds"]
-    assert options["grace"] < grace <= math.ceil(options["grace"]) + 10, "Kubernetes waits for --grace, then a bit"
+    drain = options["drain_delay"] + options["grace"]
+    assert drain < grace <= math.ceil(drain) + 10, "Kubernetes waits for --drain-delay and --grace, then a bit"
+    assert options["drain_delay"] >= 5, "not ready first, long enough for the endpoints to drop the pod"
     assert options["threads"] == int(container["resources"]["requests"]["cpu"])
     service = k["Service"]
     assert service["spec"]["clusterIP"] == "None", "headless: clients balance per call over every pod"

@@ -5,6 +5,7 @@ import concurrent.futures
 import io
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import grpc
@@ -277,3 +278,33 @@ def test_serve_refuses_an_empty_repository(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gen", "serve", "--repo", str(tmp_path / "none")], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "gen export" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_drain_delay_reports_not_ready_and_goes_on_serving(served_repo):
+    """--drain-delay: on SIGTERM readiness goes first (gRPC health, /v2/health/ready), the serving later."""
+    import signal
+    import time
+
+    from serve.launch import start_server
+
+    srv = start_server(served_repo, "--device", "cpu", "--drain-delay", "3")
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+            sigterm = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+            while health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() - sigterm < 2, "health still SERVING 2 s after SIGTERM"
+                time.sleep(0.05)
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(f"http://{srv.http_target}/v2/health/ready", timeout=5)
+            assert info.value.code == 400
+            with GenClient(srv.target, timeout=30) as client:  # a new connection, still served
+                assert client.sample("tiny-gan", n=1, seed=0).pixels.shape[0] == 1
+            assert time.monotonic() - sigterm < 3, "the calls above ran inside the drain delay"
+        assert srv.proc.wait(timeout=60) == 0
+        assert time.monotonic() - sigterm >= 3
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
