@@ -219,7 +219,9 @@ class GenServer:
                                max_n=config.max_images, max_steps=config.max_steps, threads=config.threads,
                                spin=config.spin, freeze_heap=config.freeze_heap)
         self.server: grpc.aio.Server | None = None
-        self.health = health.HealthServicer()
+        # the asyncio servicer: the thread-based one's Watch blocks a thread for ever, and a client that watches
+        # health (gRPC client-side health checking) then kept gen serve from exiting on SIGTERM
+        self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
@@ -265,7 +267,7 @@ class GenServer:
             settle_heap()
         self._services = services[:2]
         for name in ("", *self._services):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def _start_http(self) -> None:
@@ -300,7 +302,7 @@ class GenServer:
         client with health checking) takes to send new calls elsewhere before the port closes."""
         self.runtime.draining = True
         for name in ("", *self._services):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("not ready: serving %.1f s more before the drain (--drain-delay)", seconds)
         await asyncio.sleep(seconds)
 
@@ -308,7 +310,7 @@ class GenServer:
         """Stop accepting, finish in-flight calls within `grace` seconds (REST: within config.grace_s), then
         release the runtime."""
         grace = self.config.grace_s if grace is None else grace
-        self.health.enter_graceful_shutdown()
+        await self.health.enter_graceful_shutdown()
         # REST and gRPC drain together: stop listening, let in-flight requests finish within the grace
         rest = asyncio.gather(*(r.cleanup() for r in self._http_runners))
         if self.server is not None:
