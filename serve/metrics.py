@@ -87,10 +87,11 @@ class MetricsEndpoint:
         self.peers = peers
 
     def render(self) -> bytes:
+        if self.peers is None:
+            return generate_latest(self.process) + generate_latest(self.registry)
         process = [generate_latest(self.process).decode()]
-        if self.peers is not None:
-            process += [body.decode() for body in self.peers.gather("/process-metrics")]
-        return added_up(process, workers=self.peers is not None) + generate_latest(self.registry)
+        process += [body.decode() for body in self.peers.gather("/process-metrics")]
+        return added_up(process) + generate_latest(self.registry)
 
     async def handle(self, request: web.Request) -> web.Response:
         # rendering reads /proc, takes the batchers' locks and may ask the other workers: off the event loop
@@ -98,7 +99,7 @@ class MetricsEndpoint:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def added_up(texts: list[str], workers: bool = True) -> bytes:
+def added_up(texts: list[str]) -> bytes:
     """Prometheus text expositions of several processes as one: each sample summed over the processes (start and
     creation times: the earliest; the file-descriptor limit: the largest), plus gen_workers (how many answered)."""
     families: dict[str, Metric] = {}
@@ -117,11 +118,9 @@ def added_up(texts: list[str], workers: bool = True) -> bytes:
                     values[key] = max(values[key], sample.value)
                 else:
                     values[key] += sample.value
-    out = []
-    if workers:
-        count = Metric("gen_workers", "Worker processes whose metrics are added up here", "gauge")
-        count.add_sample("gen_workers", {}, len(texts))
-        out.append(count)
+    count = Metric("gen_workers", "Worker processes whose metrics are added up here", "gauge")
+    count.add_sample("gen_workers", {}, len(texts))
+    out = [count]
     for family in families.values():
         family.samples = [s._replace(value=values[(s.name, tuple(sorted(s.labels.items())))])
                           for s in family.samples]

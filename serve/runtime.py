@@ -148,8 +148,9 @@ class Runtime:
                  max_queue_delay_ms: float | None = None, max_queue_size: int = 1024, threads: int | None = None,
                  max_n: int = 256, fp16: bool | None = None, max_steps: int = MAX_STEPS, spin: bool = True,
                  cuda_graphs: bool = False, freeze_heap: bool = False):
-        """freeze_heap: the caller owns the process (gen serve): after every load the heap is collected and frozen
-        (settle_heap), which an embedding application may not want done to its own objects."""
+        """freeze_heap: the caller owns the process (gen serve, which also settles the heap once it has started):
+        after every load or unload the heap is collected and frozen (settle_heap), which an embedding application
+        may not want done to its own objects."""
         kind, _ = parse_device(device)
         if kind == "cuda" and CUDA not in ort.get_available_providers():
             raise FailedPrecondition(f"device='cuda': this onnxruntime has no {CUDA} (it offers "
@@ -187,8 +188,6 @@ class Runtime:
         self._closed = False
         self.repository = Repository(repo_root, self._open_graph, self._prepare_version)
         self.sync = SyncRuntime(self)
-        if freeze_heap:
-            settle_heap()
 
     def _open_graph(self, version_dir: Path, graph: GraphInfo) -> GraphRunner:
         return GraphRunner(version_dir, graph, self.device, self.threads, self.fp16, self.spin)

@@ -8,29 +8,22 @@ libcudart.so.12 (from the nvidia-cuda-runtime-cu12 wheel in the same venv). Wher
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 
 import pytest
 
+from bench.perf_analyzer import BINARY, env
 from serve.launch import ROOT, start_server, stop_server
 
-VENV = ROOT / ".venv-perf"
-BINARY = VENV / "bin" / "perf_analyzer"
 MODELS = ["mnist-cgan.generator", "mnist-vae.decoder", "mnist-diffusion.denoiser"]  # the shipped models' graphs
-
-
-def _env() -> dict:
-    libs = sorted(VENV.glob("lib/python*/site-packages/nvidia/cuda_runtime/lib"))
-    return {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join([*map(str, libs), os.environ.get("LD_LIBRARY_PATH", "")])}
 
 
 @pytest.fixture(scope="module")
 def perf_analyzer():
     if not BINARY.is_file():
         pytest.skip(f"{BINARY} is missing: `make perf-analyzer` installs it (tritonclient 2.41's wheel)")
-    probe = subprocess.run([str(BINARY), "--help"], capture_output=True, text=True, env=_env(), timeout=60)
+    probe = subprocess.run([str(BINARY), "--help"], capture_output=True, text=True, env=env(), timeout=60)
     if "error while loading shared libraries" in probe.stderr:
         pytest.skip(f"perf_analyzer cannot start: {probe.stderr.strip().splitlines()[-1]} "
                     "(apt-get install libb64-0d; libcudart.so.12 comes from nvidia-cuda-runtime-cu12)")
@@ -52,7 +45,7 @@ def test_perf_analyzer_runs_at_concurrency_1_to_32(perf_analyzer, shipped_server
         [perf_analyzer, "-m", model, "-u", f"127.0.0.1:{port}", "-i", protocol, "--concurrency-range", "1:32:31",
          "--input-data", "zero",  # zeros are in range for every input (labels, timesteps)
          "--measurement-interval", "300", "--max-trials", "3", "--stability-percentage", "999"],
-        capture_output=True, text=True, env=_env(), timeout=300)
+        capture_output=True, text=True, env=env(), timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-2000:]
     assert not re.search(r"error|failed", out, re.IGNORECASE), out[-2000:]
