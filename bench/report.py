@@ -139,6 +139,15 @@ def _targets(r: dict) -> list[str]:
     if ratio is not None:
         rows.append(f"| 5 | student at 4 steps >= 20x the teacher's images/s at 50 DDIM steps | x{_f(ratio)} | "
                     f"{_verdict(ratio >= 20)} |")
+    alone = (r.get("students") or {}).get("denoiser_alone") or {}
+    if alone.get("speedup") is not None:
+        rows.append(f"| 5 | int8 student U-Net at batch 64 >= 1.8x fp32 | x{_f(alone['speedup'])} | "
+                    f"{_verdict(alone['speedup'] >= 1.8)} |")
+    best = _fastest_passing_student(r.get("students") or {})
+    if best is not None:
+        rows.append(f"| 5 | fastest student setting within its quality bars >= 300 images/s | "
+                    f"{_f(best['images_per_s'], 1)} ({best['setting']}, {best['precision']}) | "
+                    f"{_verdict(best['images_per_s'] >= 300)} |")
     if "large_model" in r:
         for batch, (worst, ratio) in _large_ratios(r["large_model"]).items():
             rows.append(f"| 6 | DDPM CIFAR-10 U-Net, {r['large_model']['requests']} concurrent requests: gen >= 2x "
@@ -568,8 +577,23 @@ def _roofline(r: dict, profile: list[dict], plot: str | None) -> list[str]:
     return out + [""]
 
 
+# the student's quality bars per step count (gen eval, n = 1,000): class accuracy at least, Frechet / baseline at most
+STUDENT_BARS = {1: (0.95, 3.0), 2: (0.98, 2.0), 4: (0.975, 0.81)}
+
+
+def _student_passes(row: dict) -> bool:
+    q, bar = row.get("quality") or {}, STUDENT_BARS.get(row["steps"])
+    return bool(bar and q.get("class_accuracy") is not None and q["class_accuracy"] >= bar[0]
+                and q["frechet_ratio"] <= bar[1])
+
+
+def _fastest_passing_student(st: dict) -> dict | None:
+    rows = [r for r in st.get("rows", []) if r["setting"].startswith("student") and _student_passes(r)]
+    return max(rows, key=lambda r: r["images_per_s"], default=None)
+
+
 def _student_speedup(st: dict) -> float | None:
-    by = {r["setting"]: r for r in st.get("rows", [])}
+    by = {r["setting"]: r for r in st.get("rows", []) if r.get("precision", "fp32") == "fp32"}
     if "student, 4 steps" not in by or "teacher, 50 DDIM steps" not in by:
         return None
     return by["student, 4 steps"]["images_per_s"] / by["teacher, 50 DDIM steps"]["images_per_s"]
@@ -695,20 +719,37 @@ def _students(st: dict) -> list[str]:
     out = ["## Case 5: a distilled student against its teacher, through the server (CPU)", ""]
     if "error" in st:
         return out + [f"Not measured: {st['error']}", ""]
+    how = (f" Measured by `{st['command']}` on {st['started']} (a run of its own, on {st['cpu']}, "
+           f"{st['cores']} cores, commit {st['commit'] or '?'}; load average {st['load'][0]:.2f} at its start)."
+           if st.get("command") else "")
     out += [f"A real `gen serve` over the shipped `mnist-diffusion` and `mnist-diffusion-student` (bench/students.py): "
             f"{st['clients']} concurrent gRPC Generate streams of {st['images_per_call']} images per setting, the "
-            "settings in turn, medians of images per second. The quality columns are `gen eval`'s (n = 1,000, "
-            "seed 0) at the same setting, from the file named; they were not measured in this run.", "",
-            "| setting | sampler, steps | U-Net rows per image | images/s | vs teacher at 50 DDIM | class accuracy | "
-            "Frechet / baseline | quality from |", "|---|---|---|---|---|---|---|---|"]
+            "settings in turn, medians of images per second; the int8 rows come from a second server started with "
+            "`--precision int8` once the first had stopped. The quality columns are `gen eval`'s (n = 1,000, "
+            "seed 0) at the same setting and precision, from the file named; they were not measured in this run. "
+            "The bars column is the student's for its step count (at least / at most: "
+            + ", ".join(f"{k} step{'s' if k > 1 else ''} {a:.1%} / {f}x" for k, (a, f) in STUDENT_BARS.items())
+            + ")." + how, "",
+            "| setting | precision | sampler, steps | U-Net rows per image | images/s | vs teacher at 50 DDIM | "
+            "class accuracy | Frechet / baseline | bars | quality from |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = next((r["images_per_s"] for r in st["rows"] if r["setting"] == "teacher, 50 DDIM steps"), None)
     for r in st["rows"]:
         q = r.get("quality") or {}
         acc = f"{100 * q['class_accuracy']:.1f}%" if q.get("class_accuracy") is not None else "not scored"
         fd = f"{q['frechet_ratio']:.2f}x" if q.get("frechet_ratio") is not None else "not scored"
         vs = f"x{_f(r['images_per_s'] / base, 1)}" if base else ""
-        out.append(f"| {r['setting']} | {r['sampler']}, {r['steps']} | {r['rows_per_image']} | "
-                   f"{_f(r['images_per_s'], 1)} | {vs} | {acc} | {fd} | {q.get('file', '')} |")
+        bars = ("within" if _student_passes(r) else "missed") if r["setting"].startswith("student") else ""
+        out.append(f"| {r['setting']} | {r.get('precision', 'fp32')} | {r['sampler']}, {r['steps']} | "
+                   f"{r['rows_per_image']} | {_f(r['images_per_s'], 1)} | {vs} | {acc} | {fd} | {bars} | "
+                   f"{q.get('file', '')} |")
+    alone = st.get("denoiser_alone")
+    if alone:
+        ms = alone["ms"]
+        out += ["", f"The student's denoiser alone at batch {alone['batch']} (the server's session options, files "
+                f"in turn, medians): fp32 {_f(ms['fp32'], 1)} ms"
+                + (f", int8 {_f(ms['int8'], 1)} ms (x{_f(alone['speedup'])})" if "int8" in ms else
+                   " (the shipped student has no int8 variant)")
+                + f". CPU flags that decide int8's speed: {', '.join(st.get('cpu_flags') or ['none'])}."]
     return out + [""]
 
 

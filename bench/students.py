@@ -8,10 +8,17 @@ turns `repeats` times and the table has the median images per second:
 
   * the student at 1, 2 and 4 steps (consistency sampling, guidance as its input: one U-Net row per image-step);
   * the teacher at the server's default (UniPC, 10 steps) and at 50 DDIM steps, classifier-free guidance as a
-    doubled batch (two rows per image-step).
+    doubled batch (two rows per image-step);
+  * where the student has an int8 variant (gen export --quantize int8), the student's settings again from a second
+    server with `--precision int8`, after the first has stopped.
+
+Beside them, the student's denoiser alone at batch 64, fp32 and int8 files in turn (the server's session options),
+and the CPU's flags that decide int8's speed (VNNI).
 
 The quality columns are not measured here: they are `gen eval`'s (n = 1,000, seed 0) for the same settings,
-read from docs/quality.json and docs/teacher-quality.json, which say how they were made.
+read from docs/quality.json, docs/teacher-quality.json and docs/quality-int8.json, which say how they were made.
+
+    python -m bench.students [--repeats 3] [--images 16]    # this case alone, into bench/results.json
 """
 from __future__ import annotations
 
@@ -30,7 +37,8 @@ CLIENTS = 8
 SETTINGS = (("student, 1 step", STUDENT, None, 1), ("student, 2 steps", STUDENT, None, 2),
             ("student, 4 steps", STUDENT, None, 4), ("teacher, server default (UniPC 10)", TEACHER, None, None),
             ("teacher, 50 DDIM steps", TEACHER, "ddim", 50))
-QUALITY_FILES = ("docs/quality.json", "docs/teacher-quality.json")
+QUALITY_FILES = ("docs/quality.json", "docs/teacher-quality.json", "docs/quality-int8.json")
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 
 
 def _images_per_s(target: str, model: str, sampler: str | None, steps: int | None, images_per_call: int) -> float:
@@ -51,7 +59,7 @@ def _images_per_s(target: str, model: str, sampler: str | None, steps: int | Non
     return done / seconds
 
 
-def quality(model: str, sampler: str, steps: int) -> dict | None:
+def quality(model: str, sampler: str, steps: int, precision: str = "fp32") -> dict | None:
     """gen eval's class accuracy and Frechet ratio for this setting, from the committed eval files."""
     for name in QUALITY_FILES:
         path = ROOT / name
@@ -59,11 +67,50 @@ def quality(model: str, sampler: str, steps: int) -> dict | None:
             continue
         for report in json.loads(path.read_text()):
             s = report.get("details", {}).get("sampling", {})
-            if report["model"] == model and s.get("sampler") == sampler and s.get("steps") == steps:
+            if report["model"] == model and s.get("sampler") == sampler and s.get("steps") == steps and \
+                    report["details"].get("precision", "fp32") == precision:
                 m = {x["name"]: x["value"] for x in report["metrics"]}
                 return {"class_accuracy": m.get("class accuracy"), "frechet_ratio": m.get("frechet / baseline"),
                         "n": report["details"].get("frechet_samples"), "file": name}
     return None
+
+
+def cpu_flags() -> list[str]:
+    """The flags of INT8_FLAGS this CPU has."""
+    try:
+        line = next(x for x in open("/proc/cpuinfo") if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    have = set(line.split(":", 1)[1].split())
+    return [f for f in INT8_FLAGS if f in have]
+
+
+def denoiser_alone(version_dir: Path, rounds: int = 7) -> dict:
+    """The student's denoiser at batch 64: median ms of the fp32 and the int8 file, run in turn."""
+    import numpy as np
+
+    from serve.manifest import parse_manifest
+    from serve.session import GraphRunner
+
+    m = parse_manifest(json.loads((version_dir / "manifest.json").read_text()))
+    g = m.graphs["denoiser"]
+    rng = np.random.default_rng(0)
+    feeds = {"x_t": rng.standard_normal((64, 1, 32, 32)).astype(np.float32),
+             "t": rng.choice([999, 749, 499, 249], 64), "label": rng.integers(0, 10, 64),
+             "guidance": rng.uniform(1, 3, 64).astype(np.float32)}
+    runners = {"fp32": GraphRunner(version_dir, g, "cpu")}
+    if g.int8_file:
+        runners["int8"] = GraphRunner(version_dir, g, "cpu", int8=True)
+    times: dict[str, list[float]] = {p: [] for p in runners}
+    for r in runners.values():
+        r.run(feeds)
+    for _ in range(rounds):
+        for p, r in runners.items():
+            t0 = time.perf_counter()
+            r.run(feeds)
+            times[p].append(time.perf_counter() - t0)
+    ms = {p: statistics.median(v) * 1e3 for p, v in times.items()}
+    return {"batch": 64, "ms": ms, "speedup": ms["fp32"] / ms["int8"] if "int8" in ms else None}
 
 
 def run(repeats: int, images_per_call: int, log=print) -> dict:
@@ -78,29 +125,61 @@ def run(repeats: int, images_per_call: int, log=print) -> dict:
     repo = tmp / "exported"
     for m in (TEACHER, STUDENT):
         shutil.copytree(src / m, repo / m)
-    student_default = json.loads((src / STUDENT / "1" / "manifest.json").read_text())["diffusion"]["student"]
-    samples: dict[str, list[float]] = {label: [] for label, *_ in SETTINGS}
-    server = start_server(repo, "--no-http")
+    student_manifest = json.loads((src / STUDENT / "1" / "manifest.json").read_text())
+    student_default = student_manifest["diffusion"]["student"]
+    int8 = "int8" in student_manifest["graphs"]["denoiser"]
+    servers = [("fp32", SETTINGS)] + ([("int8", [s for s in SETTINGS if s[1] == STUDENT])] if int8 else [])
+    samples: dict[tuple[str, str], list[float]] = {}
     try:
-        for _, model, sampler, _ in SETTINGS:  # warm: sessions built, scheduler threads started
-            _images_per_s(server.target, model, sampler, 1 if model == STUDENT else 2, 1)
-        for rep in range(repeats):
-            for label, model, sampler, steps in SETTINGS:
-                rate = _images_per_s(server.target, model, sampler, steps, images_per_call)
-                samples[label].append(rate)
-                log(f"  [{rep + 1}/{repeats}] {label}: {rate:.1f} images/s")
+        alone = denoiser_alone(repo / STUDENT / "1")
+        for precision, settings in servers:
+            server = start_server(repo, "--no-http", "--precision", precision)
+            try:
+                for _, model, sampler, _ in settings:  # warm: sessions built, scheduler threads started
+                    _images_per_s(server.target, model, sampler, 1 if model == STUDENT else 2, 1)
+                for rep in range(repeats):
+                    for label, model, sampler, steps in settings:
+                        rate = _images_per_s(server.target, model, sampler, steps, images_per_call)
+                        samples.setdefault((precision, label), []).append(rate)
+                        log(f"  [{rep + 1}/{repeats}] {label} ({precision}): {rate:.1f} images/s")
+            finally:
+                stop_server(server)
     finally:
-        stop_server(server)
         shutil.rmtree(tmp, ignore_errors=True)
     rows = []
-    for label, model, sampler, steps in SETTINGS:
+    for (precision, label), rates in samples.items():
+        model, sampler, steps = next(s[1:] for s in SETTINGS if s[0] == label)
         if model == STUDENT:
             steps = steps or student_default["default_steps"]
             sampler = student_default["samplers"][str(steps)]
         else:
             sampler, steps = sampler or DEFAULT_SAMPLER, steps or DEFAULT_STEPS
-        rows.append({"setting": label, "model": model, "sampler": sampler, "steps": steps,
+        rows.append({"setting": label, "precision": precision, "model": model, "sampler": sampler, "steps": steps,
                      "rows_per_image": steps * (1 if model == STUDENT else 2),
-                     "images_per_s": statistics.median(samples[label]), "repeats": len(samples[label]),
-                     "quality": quality(model, sampler, steps)})
-    return {"clients": CLIENTS, "images_per_call": images_per_call, "rows": rows}
+                     "images_per_s": statistics.median(rates), "repeats": len(rates),
+                     "quality": quality(model, sampler, steps, precision)})
+    return {"clients": CLIENTS, "images_per_call": images_per_call, "rows": rows, "denoiser_alone": alone,
+            "cpu_flags": cpu_flags()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from bench.report import update_case
+    from bench.timing import machine
+
+    parser = argparse.ArgumentParser(prog="python -m bench.students", description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=16, help="images per Generate call")
+    args = parser.parse_args(argv)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result = run(args.repeats, args.images)
+    m = machine()
+    result.update(command=f"python -m bench.students --repeats {args.repeats} --images {args.images}",
+                  started=started, cpu=m["cpu"], cores=m["cores"], commit=m["commit"], load=m["load_average"])
+    update_case("students", result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -198,7 +198,14 @@ def distill_cmd(teacher, set_, resume, progress, **options):
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (17 to 21).")
 @click.option("--fp16", is_flag=True, help="Also write a half-precision variant of each graph (for CUDA).")
 @click.option("--max-batch-size", type=int, default=64, show_default=True, help="Serving default.")
-def export_cmd(run_dir, diffusers_dir, null_class, guidance, name, version, repo, opset, fp16, max_batch_size):
+@click.option("--quantize", type=click.Choice(["int8"]), help="Also a calibrated static int8 variant of the graphs "
+              "(for `gen serve --precision int8`), kept only if it is faster and scores as well (diffusion models).")
+@click.option("--int8-min-speedup", type=click.FloatRange(0), help="--quantize: the int8 graph's speed over fp32 at "
+              "batch 64 below which it is not kept. [default: 1.8]")
+@click.option("--int8-eval-n", type=click.IntRange(10), default=1000, show_default=True,
+              help="--quantize: samples gen eval scores fp32 and int8 on.")
+def export_cmd(run_dir, diffusers_dir, null_class, guidance, name, version, repo, opset, fp16, max_batch_size,
+               quantize, int8_min_speedup, int8_eval_n):
     """Export a trained run (or, with --from-diffusers, a diffusers UNet) to REPO/NAME/VERSION/ as verified ONNX
     graphs plus manifest.json.
 
@@ -212,10 +219,11 @@ def export_cmd(run_dir, diffusers_dir, null_class, guidance, name, version, repo
         raise UserError("--null-class and --guidance go with --from-diffusers (a run's manifest has its own)")
     try:
         from trainer.export import ExportError, export_model
+        from trainer.quantize import QuantizeError
 
         if diffusers_dir is not None:
-            if fp16:
-                raise UserError("--fp16 is not supported with --from-diffusers yet")
+            if fp16 or quantize:
+                raise UserError(f"{'--fp16' if fp16 else '--quantize'} is not supported with --from-diffusers yet")
             from trainer.from_diffusers import export_from_diffusers
 
             path = export_from_diffusers(diffusers_dir, name, repo=repo, version=version, opset=opset,
@@ -223,8 +231,9 @@ def export_cmd(run_dir, diffusers_dir, null_class, guidance, name, version, repo
                                          log=click.echo)
         else:
             path = export_model(run_dir, name, repo=repo, version=version, opset=opset, fp16=fp16,
-                                max_batch_size=max_batch_size, log=click.echo)
-    except (*_user_errors(), ExportError) as e:
+                                max_batch_size=max_batch_size, quantize=quantize, int8_min_speedup=int8_min_speedup,
+                                int8_eval_n=int8_eval_n, log=click.echo)
+    except (*_user_errors(), ExportError, QuantizeError) as e:
         raise UserError(str(e)) from None
     click.echo(f"exported {path}")
 
@@ -318,7 +327,10 @@ def models_cmd(repo, verify, triton_out):
 @click.option("--check", is_flag=True, help="Exit 1 when a metric misses the project's quality bar.")
 @click.option("--sweep", "sweep_steps", help="Diffusion: score every sampler at these step counts (e.g. 5,10,20,50) "
               "instead of one setting; with --json, settings already in the file are kept (a rerun resumes).")
-def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, sweep_steps):
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="int8: score the graphs' int8 variants (gen export --quantize int8) as `gen serve --precision "
+              "int8` runs them.")
+def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, sweep_steps, precision):
     """Score MODELS (default: every trained model in --repo; not imported graphs) through the serving runtime.
 
     Generators: Frechet distance in the feature space of a classifier trained on the training split,
@@ -343,7 +355,7 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, 
                                     if e.healthy and not FAMILIES[e.manifest.family].imported})
     if not names:
         raise UserError(f"--repo {repo}: no healthy models to evaluate")
-    config = EvalConfig(n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance)
+    config = EvalConfig(n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance, precision=precision)
     if sweep_steps:
         return _sweep(root, names, config, sweep_steps, json_path)
     reports = []
@@ -452,9 +464,12 @@ def _sweep(root, names: list[str], config, sweep_steps: str, json_path: str | No
               help="Require 'authorization: Bearer TOKEN' (a token per line; $GEN_AUTH_TOKEN adds one).")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Server processes sharing the ports (SO_REUSEPORT), each with its own copy of the models.")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="int8: run each graph's int8 variant on the CPU where its model has one (gen export --quantize "
+              "int8); other graphs stay fp32.")
 def serve_cmd(repo, host, port, device, http_port, no_http, metrics_port, max_batch_size, max_queue_delay_ms,
               max_queue_size, allow_repository_control, grace, drain_delay, max_images, max_steps, max_message_mb,
-              threads, spin, tls_cert, tls_key, tls_client_ca, auth_token_file, workers):
+              threads, spin, tls_cert, tls_key, tls_client_ca, auth_token_file, workers, precision):
     """Serve the model repository until SIGTERM: gRPC (KServe OIP v2 and gen.v1.Generator) on --port, OIP v2
     over REST and Prometheus /metrics on --http-port.
 
@@ -492,7 +507,7 @@ def serve_cmd(repo, host, port, device, http_port, no_http, metrics_port, max_ba
                           max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                           max_queue_size=max_queue_size, allow_repository_control=allow_repository_control,
                           grace_s=grace, drain_delay_s=drain_delay, max_images=max_images, max_steps=max_steps,
-                          threads=threads, spin=spin,
+                          threads=threads, spin=spin, precision=precision,
                           max_message_bytes=int(max_message_mb * 1024 * 1024), tls_cert=tls_cert, tls_key=tls_key,
                           tls_client_ca=tls_client_ca, auth_tokens=tokens, freeze_heap=True)
     try:

@@ -6,7 +6,8 @@ server uses to read it, and neither side needs the other's dependencies.
 Layout:
     exported/<name>/<version>/manifest.json
     exported/<name>/<version>/<graph>.onnx        one self-contained file per graph
-    exported/<name>/<version>/<graph>.fp16.onnx   optional half-precision variant
+    exported/<name>/<version>/<graph>.fp16.onnx   optional half-precision variant (CUDA)
+    exported/<name>/<version>/<graph>.int8.onnx   optional int8 variant (CPU; gen serve --precision int8)
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ class GraphInfo:
     fp16_file: str | None = None
     fp16_sha256: str | None = None
     parity: dict = field(default_factory=dict)
+    int8_file: str | None = None
+    int8_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -184,13 +187,15 @@ def parse_manifest(d: dict) -> Manifest:
                         for i, t in enumerate(_get(g, "outputs", list, where)))
         if not inputs or not outputs:
             raise ManifestError(f"{where}: needs at least one input and one output")
-        fp16 = g.get("fp16")
-        if fp16 is not None:
-            _get(fp16, "file", str, f"{where}.fp16")
-            _get(fp16, "sha256", str, f"{where}.fp16")
+        fp16, int8 = g.get("fp16"), g.get("int8")
+        for variant, key in ((fp16, "fp16"), (int8, "int8")):
+            if variant is not None:
+                _get(variant, "file", str, f"{where}.{key}")
+                _get(variant, "sha256", str, f"{where}.{key}")
         graphs[gname] = GraphInfo(gname, file, sha, inputs, outputs,
                                   fp16["file"] if fp16 else None, fp16["sha256"] if fp16 else None,
-                                  g.get("parity", {}))
+                                  g.get("parity", {}), int8["file"] if int8 else None,
+                                  int8["sha256"] if int8 else None)
     image = {}  # none for a family whose task has no images (an imported graph)
     if spec.images:
         image = _get(d, "image", dict, "manifest")
@@ -298,7 +303,7 @@ def verify_files(version_dir: Path, manifest: Manifest) -> list[str]:
     """Problems with the graph files (missing, hash mismatch), one line each; empty when healthy."""
     problems = []
     for g in manifest.graphs.values():
-        for file, sha in ((g.file, g.sha256), (g.fp16_file, g.fp16_sha256)):
+        for file, sha in ((g.file, g.sha256), (g.fp16_file, g.fp16_sha256), (g.int8_file, g.int8_sha256)):
             if file is None:
                 continue
             path = Path(version_dir) / file

@@ -147,7 +147,7 @@ class Runtime:
     def __init__(self, repo_root: str | Path, device: str = "auto", max_batch_size: int | None = None,
                  max_queue_delay_ms: float | None = None, max_queue_size: int = 1024, threads: int | None = None,
                  max_n: int = 256, fp16: bool | None = None, max_steps: int = MAX_STEPS, spin: bool = True,
-                 cuda_graphs: bool = False, freeze_heap: bool = False):
+                 cuda_graphs: bool = False, freeze_heap: bool = False, int8: bool = False):
         """freeze_heap: the caller owns the process (gen serve, which also settles the heap once it has started):
         after every load or unload the heap is collected and frozen (settle_heap), which an embedding application
         may not want done to its own objects."""
@@ -178,6 +178,7 @@ class Runtime:
         self.max_n = max_n
         self.max_steps = max_steps  # per Generate request (also bounded by the model's training timesteps)
         self.fp16 = fp16
+        self.int8 = int8  # gen serve --precision int8: a graph's int8 variant on the CPU, where its manifest has one
         self.cuda_graphs = cuda_graphs  # diffusion loops on CUDA: one captured CUDA graph per batch-size bucket
         self.freeze_heap = freeze_heap
         self.peers = None  # gen serve --workers: the other workers (serve.peers.Peers), whose counters add up
@@ -190,7 +191,7 @@ class Runtime:
         self.sync = SyncRuntime(self)
 
     def _open_graph(self, version_dir: Path, graph: GraphInfo) -> GraphRunner:
-        return GraphRunner(version_dir, graph, self.device, self.threads, self.fp16, self.spin)
+        return GraphRunner(version_dir, graph, self.device, self.threads, self.fp16, self.spin, self.int8)
 
     def _prepare_version(self, mv: ModelVersion) -> dict:
         """Make a version warm before it is READY (Triton's model_warmup): each graph's batcher and a denoising
@@ -214,7 +215,8 @@ class Runtime:
             if denoiser is not None:
                 session = DenoisingSession(mv.path, mv.manifest, state_size(), capacity=self._mbs(mv),
                                            device=self.device, threads=self.threads, spin=self.spin, fp16=self.fp16,
-                                           cuda_graphs=self.cuda_graphs, source=sources.get(denoiser))
+                                           cuda_graphs=self.cuda_graphs, source=sources.get(denoiser),
+                                           int8=self.int8)
                 scheduler = self._new_scheduler(mv, session)
                 made.append(scheduler)
                 for _ in range(WARMUP_REQUESTS):

@@ -45,6 +45,7 @@ class ServerConfig:
     max_steps: int = 1000  # diffusion steps per Generate request
     threads: int | None = None  # onnxruntime intra-op threads per session; None: the cores this process may use
     spin: bool = True  # idle onnxruntime worker threads spin (fastest when the server has the cores to itself)
+    precision: str = "fp32"  # "int8": each graph's int8 variant on the CPU where its manifest has one
     freeze_heap: bool = False  # the server owns its process (gen serve): loads end with runtime.settle_heap()
     worker_dir: str | None = None  # one of gen serve --workers' processes: the ports are shared (SO_REUSEPORT)
     # and each worker's own metrics port is written here, for whichever worker a scrape reaches to add them up
@@ -217,7 +218,7 @@ class GenServer:
         self.runtime = Runtime(Path(config.repo), device=config.device, max_batch_size=config.max_batch_size,
                                max_queue_delay_ms=config.max_queue_delay_ms, max_queue_size=config.max_queue_size,
                                max_n=config.max_images, max_steps=config.max_steps, threads=config.threads,
-                               spin=config.spin, freeze_heap=config.freeze_heap)
+                               spin=config.spin, freeze_heap=config.freeze_heap, int8=config.precision == "int8")
         self.server: grpc.aio.Server | None = None
         # the asyncio servicer: the thread-based one's Watch blocks a thread for ever, and a client that watches
         # health (gRPC client-side health checking) then kept gen serve from exiting on SIGTERM

@@ -102,11 +102,11 @@ class GraphRunner:
     """
 
     def __init__(self, version_dir: Path, graph: GraphInfo, device: str = "auto", threads: int | None = None,
-                 fp16: bool | None = None, spin: bool = True):
-        path = graph_path(version_dir, graph, device, fp16)
+                 fp16: bool | None = None, spin: bool = True, int8: bool = False):
+        path = graph_path(version_dir, graph, device, fp16, int8)
         data = path.read_bytes()
         self.session, self.device, self.device_id = open_session(data, device, threads, spin, name=path.name)
-        if self.device == "cpu" and path.name != graph.file:  # auto fell back to the CPU: the fp32 file there
+        if self.device == "cpu" and path.name == graph.fp16_file:  # auto fell back to the CPU: the fp32 file there
             path = Path(version_dir) / graph.file
             data = path.read_bytes()
             self.session = ort.InferenceSession(data, session_options(threads, spin), providers=[CPU])
@@ -175,13 +175,17 @@ class IterationOutput:
         return self._owner._download(self._x0, self._rows)
 
 
-def graph_path(version_dir: Path, graph: GraphInfo, device: str, fp16: bool | None) -> Path:
-    """The file a session on `device` opens: the fp16 variant where CUDA may run it (unless fp16 is False), else
-    the fp32 file. A session that lands on the CPU anyway reopens the fp32 file."""
+def graph_path(version_dir: Path, graph: GraphInfo, device: str, fp16: bool | None, int8: bool = False) -> Path:
+    """The file a session on `device` opens: the fp16 variant where CUDA may run it (unless fp16 is False), the
+    int8 variant on the CPU when asked for (int8) and the manifest has one, else the fp32 file. A session that
+    lands on the CPU anyway reopens the fp32 file."""
     kind, _ = parse_device(device)
     maybe_cuda = kind == "cuda" or (kind == "auto" and CUDA in ort.get_available_providers())
-    use_fp16 = maybe_cuda and graph.fp16_file is not None and fp16 is not False
-    return Path(version_dir) / (graph.fp16_file if use_fp16 else graph.file)
+    if maybe_cuda:
+        use = graph.fp16_file if graph.fp16_file is not None and fp16 is not False else None
+    else:  # int8 QDQ graphs are a CPU variant: onnxruntime's x86 kernels run them (VNNI where the CPU has it)
+        use = graph.int8_file if int8 else None
+    return Path(version_dir) / (use or graph.file)
 
 
 class DenoisingSession:
@@ -193,7 +197,7 @@ class DenoisingSession:
 
     def __init__(self, version_dir: Path, manifest: Manifest, state_size: int, capacity: int,
                  device: str = "auto", threads: int | None = None, spin: bool = True, fp16: bool | None = None,
-                 cuda_graphs: bool = False, source: tuple[str, bytes | None] | None = None):
+                 cuda_graphs: bool = False, source: tuple[str, bytes | None] | None = None, int8: bool = False):
         """`source`: (file name, bytes) of the denoiser already read (GraphRunner.take_source), used when it is the
         file this session opens."""
         info = manifest.graphs[FAMILIES[manifest.family].denoiser]
@@ -208,9 +212,9 @@ class DenoisingSession:
                                   name=f"{path.name} (iteration)")
             return iteration, opened
 
-        path = graph_path(version_dir, info, device, fp16)
+        path = graph_path(version_dir, info, device, fp16, int8)
         iteration, (self.session, self.device, self.device_id) = iteration_on(path, device)
-        if self.device == "cpu" and path.name != info.file:  # auto fell back to the CPU: the fp32 file there
+        if self.device == "cpu" and path.name == info.fp16_file:  # auto fell back to the CPU: the fp32 file there
             iteration, (self.session, self.device, self.device_id) = iteration_on(Path(version_dir) / info.file, "cpu")
         opset = next(o.version for o in iteration.opset_import if o.domain in ("", "ai.onnx"))
         self.cuda_graphs = cuda_graphs and self.device == "cuda"

@@ -5,7 +5,7 @@
 
 Triton then serves each graph on its own; what `gen serve` adds on top (the diffusion loop, seeds, PNGs,
 the task API) stays with the client: a diffusion image becomes one call per step. The latest healthy
-version of every model is written (hashes verified); fp16 variants are not.
+version of every model is written (hashes verified); fp16 and int8 variants are not.
 """
 from __future__ import annotations
 

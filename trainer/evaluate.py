@@ -65,6 +65,7 @@ class EvalConfig:
     edit_n: int = 500  # held-out images edited (image-to-image, inpainting) by a class-conditional denoising model,
     # at most n
     cache: Path | None = None  # classifier cache; None: $GEN_CACHE or ~/.cache/gen
+    precision: str = "fp32"  # "int8": the graphs' int8 variants where the model has them (gen serve --precision)
 
 
 @dataclass
@@ -278,7 +279,7 @@ def evaluate(repo: str | Path, model: str, version: int | None = None, config: E
         raise EvalError(f"--n {cfg.n}: use at least 10 samples")
     cache = Path(cfg.cache or os.environ.get("GEN_CACHE") or Path.home() / ".cache" / "gen").expanduser()
     t0 = time.perf_counter()
-    with Runtime(repo, device="cpu", max_n=max(cfg.request_size, 256)) as rt:
+    with Runtime(repo, device="cpu", max_n=max(cfg.request_size, 256), int8=cfg.precision == "int8") as rt:
         try:
             m = rt.manifest(model, version)
         except ServeError as e:
@@ -302,6 +303,8 @@ def evaluate(repo: str | Path, model: str, version: int | None = None, config: E
         # generators are scored on samples; translators on held-out pairs (paired) or both directions (unpaired)
         scorer = _generator if spec.task in (SAMPLE, DENOISE) else {"paired": _pix2pix, "unpaired": _cyclegan}[kind]
         scorer(rt, m, data, cfg, cache, report, log)
+        if cfg.precision != "fp32":
+            report.details["precision"] = cfg.precision
     report.seconds = round(time.perf_counter() - t0, 1)
     return report
 

@@ -114,21 +114,40 @@ def check_target(name: str, version: int | None, opset: int) -> None:
 
 def export_model(run_dir: str | Path, name: str, repo: str | Path = "exported", version: int | None = None,
                  opset: int = DEFAULT_OPSET, fp16: bool = False, max_batch_size: int = 64,
+                 quantize: str | None = None, int8_min_speedup: float | None = None, int8_eval_n: int = 1000,
                  log=lambda msg: None) -> Path:
-    """Export, verify and publish a run as exported/<name>/<version>/; returns the version folder."""
+    """Export, verify and publish a run as exported/<name>/<version>/; returns the version folder.
+
+    quantize="int8": also an int8 variant of the graphs, kept only where it passes trainer/quantize.py's bars."""
+    from trainer.quantize import MIN_SPEEDUP, QuantizeError, int8_variants
+
     check_target(name, version, opset)
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"--quantize {quantize}: use int8")
     family, dataset, record = load_run(run_dir)
+    if quantize and type(family).calibration_batches is Family.calibration_batches:
+        raise QuantizeError(f"--quantize int8: {family.name} models have no int8 variant yet (diffusion models do)")
+    graphs = family.export_graphs()
 
     def manifest(version: int, graphs: dict, model_parity: dict) -> dict:
         return _manifest(family, dataset, record, name, version, opset, graphs, model_parity, max_batch_size)
 
-    return publish(family.export_graphs(), manifest, family.export_checks, name, repo, version, opset, fp16, log)
+    def int8(version_dir: Path, draft: dict) -> dict:
+        result = int8_variants(family, graphs, version_dir, draft, MIN_SPEEDUP if int8_min_speedup is None
+                               else int8_min_speedup, int8_eval_n, log)
+        log(result.why)
+        for gname, entry in result.check.get("entries", {}).items():
+            draft["graphs"][gname]["int8"] = entry
+        return draft
+
+    return publish(graphs, manifest, family.export_checks, name, repo, version, opset, fp16, log,
+                   variants=int8 if quantize else None)
 
 
 def publish(graphs: dict[str, ExportGraph], manifest_of: Callable[[int, dict, dict], dict],
             checks: Callable[[Path, dict], dict], name: str, repo: str | Path = "exported",
             version: int | None = None, opset: int = DEFAULT_OPSET, fp16: bool = False,
-            log=lambda msg: None) -> Path:
+            log=lambda msg: None, variants: Callable[[Path, dict], dict] | None = None) -> Path:
     """Export `graphs`, verify them and publish REPO/NAME/VERSION/ (the next free version when None).
 
     `manifest_of(version, graphs_json, parity)` writes the manifest; `checks(version_dir, draft_manifest)` are the
@@ -183,6 +202,10 @@ def publish(graphs: dict[str, ExportGraph], manifest_of: Callable[[int, dict, di
             model_parity[check] = {"max_abs": err, "tolerance": tolerance}
         manifest = manifest_of(version, graphs_json, model_parity)
         parse_manifest(manifest)  # the server's own schema check, before anything is published
+        if variants is not None:  # measured on the draft version (int8: gen eval serves it), so it needs its manifest
+            atomic_write(tmp / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+            manifest = variants(tmp, manifest)
+            parse_manifest(manifest)
         atomic_write(tmp / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
         os.replace(tmp, final)  # the publish step: one rename
     finally:

@@ -96,6 +96,8 @@ def test_gen_distill_trains_a_student_and_says_what_is_wrong(teacher, tmp_path):
     assert done.returncode == 0, done.stderr
     record = json.loads((run / "config.json").read_text())
     assert record["family"]["distill_from"] == str(teacher.path) and record["family"]["width"] == 8
+    # the teacher predicts eps; its student predicts v (x0 = a x_t - s v: one step needs no division by a)
+    assert teacher.config["prediction"] == "eps" and record["family"]["prediction"] == "v"
     assert "distilled 2 steps" in done.stdout
 
     bad = subprocess.run([sys.executable, "-m", "gen.cli", "distill", str(tmp_path / "missing")],

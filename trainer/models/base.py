@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -131,6 +132,11 @@ class Family:
 
     def manifest_sections(self) -> dict:
         """Family-specific manifest sections serving reads (diffusion: its schedule); none by default."""
+        return {}
+
+    def calibration_batches(self, n: int, seed: int) -> dict[str, list[dict[str, np.ndarray]]]:
+        """What `gen export --quantize int8` calibrates on: {graph: [feeds]}, the inputs each graph sees when it
+        serves n samples. Empty (the default): the family has no int8 variant."""
         return {}
 
     def extra_state(self) -> dict:

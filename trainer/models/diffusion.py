@@ -125,9 +125,9 @@ class Diffusion(Family):
         if config.distill_from:
             cls._check_student(config, info)
 
-    # architecture and schedule: a student keeps its teacher's, since it starts from the teacher's weights
-    TEACHER_FIELDS = ("width", "channel_mult", "num_res_blocks", "attn_resolution", "prediction", "schedule",
-                      "num_train_timesteps")
+    # architecture and schedule: a student keeps its teacher's, since it starts from the teacher's weights (its
+    # prediction may differ: the preset's students predict v, README "Few-step students")
+    TEACHER_FIELDS = ("width", "channel_mult", "num_res_blocks", "attn_resolution", "schedule", "num_train_timesteps")
 
     @classmethod
     def _check_student(cls, config: DiffusionConfig, info: DataInfo) -> None:
@@ -266,11 +266,14 @@ class Diffusion(Family):
         x0 = (x_t - s * out) / a if self.config.prediction == "eps" else a * x_t - s * out
         c = self.config.huber_c or default_huber_c(x0[0].numel())
         distance = torch.sqrt(((x0 - target) ** 2).flatten(1).sum(1) + c * c) - c
-        # error in x0 at high noise is the output's error times sigma / alpha (156 at t = 999 here): weighting by
-        # alpha / sigma (at most 1) keeps the noisiest steps from drowning the others' gradients (unweighted, every
-        # step count scored worse in a 400-step pilot; README, "Few-step students")
-        weight = (a / s).flatten().clamp(max=1.0)
-        return self._optimise((weight * distance).mean())
+        if self.config.prediction == "eps":
+            # error in x0 at high noise is the output's error times sigma / alpha (156 at t = 999 here): weighting by
+            # alpha / sigma (at most 1) keeps the noisiest steps from drowning the others' gradients (unweighted,
+            # every step count scored worse in a 400-step pilot; README, "Few-step students")
+            distance = distance * (a / s).flatten().clamp(max=1.0)
+        # v: x0 = a x_t - s v is x_t at the data end and -v at the noise end, so no step amplifies the output's
+        # error (by sigma <= 1) and every step weighs the same
+        return self._optimise(distance.mean())
 
     def on_step_end(self, step: int) -> None:
         super().on_step_end(step)
@@ -305,6 +308,24 @@ class Diffusion(Family):
         if self.ema.guidance_emb is not None:
             inputs["guidance"] = TensorSpec("float32", (-1,), *self.config.guidance_range)
         return {"denoiser": ExportGraph(_Denoiser(self.ema).eval(), inputs, {"output": TensorSpec("float32", image)})}
+
+    @torch.no_grad()
+    def calibration_batches(self, n: int, seed: int) -> dict[str, list[dict[str, np.ndarray]]]:
+        """The denoiser's inputs at every U-Net call while n images are sampled at `served_sampling()` (a student:
+        its most steps, whose grid holds its fewer-step grids), named as the exported graph's inputs."""
+        names = list(self.export_graphs()["denoiser"].inputs)
+        feeds: list[dict[str, np.ndarray]] = []
+
+        def record(module, args, kwargs):
+            feeds.append({k: a.cpu().numpy() for k, a in zip(names, args) if a is not None})
+
+        handle = self.ema.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            sample_grid(self.ema, self.noise_schedule(), n, self.info, *self.served_sampling(), self.config.guidance,
+                        seed, self.device)
+        finally:
+            handle.remove()
+        return {"denoiser": feeds}
 
     def export_checks(self, version_dir: Path, manifest: dict) -> dict:
         """The served loop over the exported denoiser against PyTorch, at `served_sampling()`."""
