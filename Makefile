@@ -27,11 +27,14 @@ demo: setup
 
 # Retrain and re-export the shipped models (README's table of training times adds up to about 4 hours on 2 CPU cores),
 # then score them: `gen eval --check` fails the target when a model misses its quality bar. The second eval is the
-# teacher at the server's default sampler, for the student's comparison (README, "Few-step students").
+# teacher at the server's default sampler, for the student's comparison (README, "Few-step students"); the last, where
+# the student shipped with an int8 variant, scores it served at int8 (docs/export.md).
 models: setup
 	$(PY) -m gen.defaults
 	$(GEN) eval mnist-diffusion --sampler unipc --steps 10 --json docs/teacher-quality.json
 	$(GEN) eval --check --json docs/quality.json
+	if grep -q '"int8"' exported/mnist-diffusion-student/1/manifest.json; then \
+		$(GEN) eval mnist-diffusion-student --precision int8 --check --json docs/quality-int8.json; fi
 
 # Side-by-side benchmarks -> BENCHMARKS.md and bench/plots/ (see bench/__main__.py).
 # `make bench` is the quick mode (about ten minutes); `make bench-full` (or MODE=full) the full tables.

@@ -23,6 +23,7 @@ class DefaultModel:
     preset: str  # trainer/presets.py
     seed: int = 0
     options: tuple[tuple[str, object], ...] = ()  # family options on top of the preset's
+    quantize: str | None = None  # "int8": also export an int8 variant, kept where it passes its bars (docs/export.md)
 
 
 DEFAULT_MODELS = (
@@ -31,7 +32,7 @@ DEFAULT_MODELS = (
     DefaultModel("mnist-cgan", "gan"),
     DefaultModel("mnist-diffusion", "diffusion"),
     # distilled from the mnist-diffusion just built (its preset's distill_from): keep it after its teacher
-    DefaultModel("mnist-diffusion-student", "diffusion-student"),
+    DefaultModel("mnist-diffusion-student", "diffusion-student", quantize="int8"),
     DefaultModel("mnist-flow", "flow"),
     DefaultModel("shapes-pix2pix", "pix2pix"),
     DefaultModel("stripes-cyclegan", "cyclegan"),
@@ -50,7 +51,8 @@ def build(model: DefaultModel, repo: Path, runs: Path, progress: bool | None = N
     result = fit(config, progress=progress)
     staging = repo.parent / f".{repo.name}-staging"
     shutil.rmtree(staging / model.name, ignore_errors=True)
-    export_model(run_dir, model.name, repo=staging, version=1, log=lambda m: print(f"  {m}", flush=True))
+    export_model(run_dir, model.name, repo=staging, version=1, quantize=model.quantize,
+                 log=lambda m: print(f"  {m}", flush=True))
     # Swap in: the old model moves aside first, so a crash leaves one of the two in place.
     repo.mkdir(parents=True, exist_ok=True)
     final, old = repo / model.name, repo / f".{model.name}-old"

@@ -45,7 +45,7 @@ CLASSIFIER_VERSION = 1  # bump when the classifier's architecture or training ch
 # a family's own bars (class accuracy, Frechet / baseline) and sampling setting are its trainer file's
 # (Family.class_accuracy_bar, frechet_bar, eval_sampling)
 # a distilled student's bars per step count: (class accuracy, Frechet / baseline); other counts are reported only
-STUDENT_BARS = {4: (0.97, 2.0), 2: (0.95, 3.0)}
+STUDENT_BARS = {4: (0.97, 2.0), 2: (0.98, 2.0), 1: (0.95, 3.0)}
 EDIT_STRENGTHS = (0.5, 0.7, 0.9)  # image-to-image towards another class; the family's bar at one of them
 INPAINT_BAR = 0.95  # class accuracy of held-out digits whose lower half was regenerated with their own label
 
@@ -285,6 +285,9 @@ def evaluate(repo: str | Path, model: str, version: int | None = None, config: E
         except ServeError as e:
             raise EvalError(e.message) from None
         spec = FAMILIES[m.family]
+        if cfg.precision == "int8" and not any(g.int8_file for g in m.graphs.values()):
+            raise EvalError(f"--precision int8: {m.name} v{m.version} has no int8 variant; export it with "
+                            "`gen export RUN_DIR --quantize int8`")
         if spec.imported:
             raise EvalError(f"{m.name}: an imported graph ({m.family}) has no dataset or images to score; gen eval "
                             "scores the models gen trains")

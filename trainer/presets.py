@@ -43,9 +43,9 @@ PRESETS: dict[str, dict] = {
     # teacher): README, "Few-step students", has how the numbers were chosen
     "diffusion-student": {"family": "diffusion", "data": "mnist", "steps": 4000, "batch_size": 64, "lr": 2e-4,
                           "family_options": {"distill_from": "exported/mnist-diffusion/1", "guidance": 1.25,
+                                             "prediction": "v",
                                              "trajectories": 10000,
-                                             "student_sampler": {"1": "consistency", "2": "consistency",
-                                                                 "4": "ddim"}}},
+                                             "student_sampler": {"1": "consistency", "2": "ddim", "4": "ddim"}}},
 }
 
 

@@ -88,6 +88,11 @@ def test_a_variant_that_misses_a_bar_is_not_written(tiny_repo, tmp_path, env):
     version = repo / "s8" / "1"
     assert "int8" not in json.loads((version / "manifest.json").read_text())["graphs"]["denoiser"]
     assert sorted(p.name for p in version.iterdir()) == ["denoiser.onnx", "manifest.json"]
+    # gen eval --precision int8 of a model without the variant would score fp32 under int8's name: refused
+    bad = subprocess.run([sys.executable, "-m", "gen", "eval", "s8", "--repo", str(repo), "--precision", "int8"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "--precision int8: s8 v1 has no int8 variant" in bad.stderr
 
 
 def test_a_family_without_an_int8_path_is_one_line(tiny_repo, tmp_path, env):
