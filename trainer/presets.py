@@ -40,7 +40,7 @@ PRESETS: dict[str, dict] = {
     "flow": {"family": "flow", "data": "mnist", "steps": 6000, "batch_size": 64, "lr": 1e-3,
              "family_options": {"guidance": 1.25}},
     # a few-step student of the shipped mnist-diffusion (trainer/distill.py; `gen distill` fills these in for any
-    # teacher): README, "Few-step students", has how the numbers were chosen
+    # teacher): docs/samplers.md, "Few-step students", has how the numbers were chosen
     "diffusion-student": {"family": "diffusion", "data": "mnist", "steps": 4000, "batch_size": 64, "lr": 2e-4,
                           "family_options": {"distill_from": "exported/mnist-diffusion/1", "guidance": 1.25,
                                              "prediction": "v",

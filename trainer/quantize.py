@@ -4,9 +4,9 @@ only when it is both faster and as good.
 The variant is onnxruntime's static QDQ quantisation (onnxruntime.quantization.quantize_static): per-channel int8
 weights, uint8 activations (the x86 kernels' fast U8S8 path, VNNI where the CPU has it) with ranges calibrated
 (min-max) on the inputs the graph sees when it serves: the family's `calibration_batches`, e.g. a denoiser's inputs
-along its own sampling trajectories. Only Conv is quantised: measured on the MNIST U-Net at batch 64, quantising
-MatMul and Gemm as well was slower (the attention's Q/DQ pairs cost more than its int8 products save) and signed
-activations slower still (BENCHMARKS.md, case 9).
+along its own sampling trajectories. Only Conv is quantised: on the MNIST U-Net at batch 64, quantising MatMul and
+Gemm as well was slower (the attention's Q/DQ pairs cost more than its int8 products save), and so were signed
+activations.
 
 Kept only when (1) the int8 graph runs at least `min_speedup` times as fast as the fp32 one at batch 64 on this
 machine (timed side by side), and (2) `gen eval` of the version with the int8 variants stays within 1 point of class

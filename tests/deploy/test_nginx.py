@@ -66,8 +66,8 @@ def render(listen_port: int, replica_ports: list[int]) -> str:
     text = CONF.read_text()
     assert text.count(SHIPPED_LISTEN) == 1, f"{CONF}: expected one `{SHIPPED_LISTEN}`"
     text = text.replace(SHIPPED_LISTEN, f"listen 127.0.0.1:{listen_port} http2;")
-    for shipped, port in zip(SHIPPED_REPLICAS, replica_ports, strict=True):
-        assert text.count(f"server {shipped} ") == 1, f"{CONF}: expected one `server {shipped} ...` line"
+    for shipped, port in zip(SHIPPED_REPLICAS, replica_ports, strict=True):  # each a primary and a backup
+        assert text.count(f"server {shipped} ") == 2, f"{CONF}: expected two `server {shipped} ...` lines"
         text = text.replace(f"server {shipped} ", f"server 127.0.0.1:{port} ")
     assert f"fail_timeout={FAIL_TIMEOUT_S}s" in text
     return text

@@ -126,7 +126,7 @@ class Diffusion(Family):
             cls._check_student(config, info)
 
     # architecture and schedule: a student keeps its teacher's, since it starts from the teacher's weights (its
-    # prediction may differ: the preset's students predict v, README "Few-step students")
+    # prediction may differ: the preset's students predict v, docs/samplers.md "Few-step students")
     TEACHER_FIELDS = ("width", "channel_mult", "num_res_blocks", "attn_resolution", "schedule", "num_train_timesteps")
 
     @classmethod
@@ -269,7 +269,7 @@ class Diffusion(Family):
         if self.config.prediction == "eps":
             # error in x0 at high noise is the output's error times sigma / alpha (156 at t = 999 here): weighting by
             # alpha / sigma (at most 1) keeps the noisiest steps from drowning the others' gradients (unweighted,
-            # every step count scored worse in a 400-step pilot; README, "Few-step students")
+            # every step count scored worse in a 400-step pilot; docs/samplers.md, "Few-step students")
             distance = distance * (a / s).flatten().clamp(max=1.0)
         # v: x0 = a x_t - s v is x_t at the data end and -v at the noise end, so no step amplifies the output's
         # error (by sigma <= 1) and every step weighs the same

@@ -3,8 +3,9 @@ for a variance-preserving schedule, on a distilled student (guidance as its inpu
 
     x = f(x_T, T);  for each later timestep t_n:  x_{t_n} = alpha_{t_n} x + sigma_{t_n} z;  x = f(x_{t_n}, t_n)
 
-where f is the model's clipped x0 prediction. Noise: the row's documented draws, x_T first, then one per step.
-A student may be served with another sampler per step count (the shipped one: DDIM at 4): that against its paper.
+where f is the model's clipped x0 prediction (the teacher predicts eps, its student v). Noise: the row's documented
+draws, x_T first, then one per step. A student may be served with another sampler per step count (the shipped one:
+DDIM at 2 and 4): that against its paper.
 """
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ def runtime(repo):
         yield rt
 
 
+def x0_of(out: np.ndarray, x: np.ndarray, abar_t: float, student: bool) -> np.ndarray:
+    """The clipped x0: a student's output is v (x0 = alpha x - sigma v), a teacher's eps."""
+    a, s = np.sqrt(abar_t), np.sqrt(1 - abar_t)
+    return np.clip(a * x - s * out if student else (x - s * out) / a, -1, 1)
+
+
 def paper_loop(onnx_path, steps: int, seed: int, guidance: float, student: bool) -> np.ndarray:
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
@@ -39,14 +46,14 @@ def paper_loop(onnx_path, steps: int, seed: int, guidance: float, student: bool)
     def f(x: np.ndarray, t: int) -> np.ndarray:
         xt, tt = x.astype(np.float32), np.full(len(x), t, np.int64)
         if student:
-            eps = session.run(None, {"x_t": xt, "t": tt, "label": labels,
+            out = session.run(None, {"x_t": xt, "t": tt, "label": labels,
                                      "guidance": np.full(len(x), guidance, np.float32)})[0].astype(np.float64)
         else:
-            out = session.run(None, {"x_t": np.concatenate([xt, xt]), "t": np.concatenate([tt, tt]),
-                                     "label": np.concatenate([labels, np.full_like(labels, 10)])})[0]
-            cond, uncond = out[:len(x)].astype(np.float64), out[len(x):].astype(np.float64)
-            eps = uncond + guidance * (cond - uncond)
-        return np.clip((x - np.sqrt(1 - abar[t]) * eps) / np.sqrt(abar[t]), -1, 1)
+            both = session.run(None, {"x_t": np.concatenate([xt, xt]), "t": np.concatenate([tt, tt]),
+                                      "label": np.concatenate([labels, np.full_like(labels, 10)])})[0]
+            cond, uncond = both[:len(x)].astype(np.float64), both[len(x):].astype(np.float64)
+            out = uncond + guidance * (cond - uncond)
+        return x0_of(out, x, abar[t], student)
 
     x = f(np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs]).astype(np.float64), ts[0])
     for t in ts[1:]:
@@ -68,7 +75,7 @@ def test_served_consistency_sampling_follows_the_paper(model, steps, repo, runti
 
 
 def test_the_students_ddim_steps_follow_ddims_paper(repo, runtime):
-    """The student's sampler at 4 steps (the shipped student's too): eq. 12 of Song et al. (2021) at eta 0,
+    """The student's sampler at 4 steps (the shipped student's at 2 and 4): eq. 12 of Song et al. (2021) at eta 0,
     x_{t'} = alpha_{t'} x0 + sigma_{t'} eps with eps from the clipped x0, in float64."""
     session = ort.InferenceSession(str(repo / "tiny-diffusion-student" / "1" / "denoiser.onnx"),
                                    providers=["CPUExecutionProvider"])
@@ -78,9 +85,9 @@ def test_the_students_ddim_steps_follow_ddims_paper(repo, runtime):
     rngs = [np.random.default_rng(np.random.SeedSequence([seed, i])) for i in range(len(LABELS))]
     x = np.stack([r.standard_normal(SHAPE, dtype=np.float32) for r in rngs]).astype(np.float64)
     for t, t_next in zip(ts, ts[1:]):
-        eps = session.run(None, {"x_t": x.astype(np.float32), "t": np.full(len(x), t, np.int64), "label": labels,
-                                 "guidance": np.full(len(x), guidance, np.float32)})[0]
-        x0 = np.clip((x - np.sqrt(1 - abar[t]) * eps) / np.sqrt(abar[t]), -1, 1)
+        v = session.run(None, {"x_t": x.astype(np.float32), "t": np.full(len(x), t, np.int64), "label": labels,
+                               "guidance": np.full(len(x), guidance, np.float32)})[0].astype(np.float64)
+        x0 = x0_of(v, x, abar[t], student=True)
         eps = (x - np.sqrt(abar[t]) * x0) / np.sqrt(1 - abar[t])
         a_next = 1.0 if t_next < 0 else np.sqrt(abar[t_next])
         x = a_next * x0 + np.sqrt(1 - a_next**2) * eps
