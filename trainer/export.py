@@ -119,14 +119,14 @@ def export_model(run_dir: str | Path, name: str, repo: str | Path = "exported", 
     """Export, verify and publish a run as exported/<name>/<version>/; returns the version folder.
 
     quantize="int8": also an int8 variant of the graphs, kept only where it passes trainer/quantize.py's bars."""
-    from trainer.quantize import MIN_SPEEDUP, QuantizeError, int8_variants
+    from trainer.quantize import MIN_SPEEDUP, int8_variants, require_int8_path
 
     check_target(name, version, opset)
     if quantize not in (None, "int8"):
         raise ConfigError(f"--quantize {quantize}: use int8")
     family, dataset, record = load_run(run_dir)
-    if quantize and type(family).calibration_batches is Family.calibration_batches:
-        raise QuantizeError(f"--quantize int8: {family.name} models have no int8 variant yet (diffusion models do)")
+    if quantize:
+        require_int8_path(family)  # before anything is exported
     graphs = family.export_graphs()
 
     def manifest(version: int, graphs: dict, model_parity: dict) -> dict:
@@ -136,7 +136,7 @@ def export_model(run_dir: str | Path, name: str, repo: str | Path = "exported", 
         result = int8_variants(family, graphs, version_dir, draft, MIN_SPEEDUP if int8_min_speedup is None
                                else int8_min_speedup, int8_eval_n, log)
         log(result.why)
-        for gname, entry in result.check.get("entries", {}).items():
+        for gname, entry in result.entries.items():
             draft["graphs"][gname]["int8"] = entry
         return draft
 

@@ -42,9 +42,14 @@ class QuantizeError(ValueError):
 
 @dataclasses.dataclass
 class Int8Result:
-    written: bool
     why: str  # one line: what was measured and, if not written, which bar it missed
-    check: dict  # the measurements, kept in the manifest's graph entry when written
+    entries: dict  # {graph: its manifest "int8" section, measurements included}; empty when not written
+
+
+def require_int8_path(family: Family) -> None:
+    """QuantizeError unless the family says what to calibrate on (Family.calibration_batches)."""
+    if type(family).calibration_batches is Family.calibration_batches:
+        raise QuantizeError(f"--quantize int8: {family.name} models have no int8 variant yet (diffusion models do)")
 
 
 def quantize_graph(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> None:
@@ -133,14 +138,13 @@ def quality_misses(rows: list[dict]) -> list[str]:
 def int8_variants(family: Family, graphs: dict, version_dir: Path, manifest: dict, min_speedup: float = MIN_SPEEDUP,
                   eval_n: int = 1000, log=lambda msg: None) -> Int8Result:
     """Quantise the draft version's graphs in place (`version_dir`, its fp32 files and `manifest` written), time
-    and score them; on success the manifest's graph entries get their "int8" sections (returned in `check`)."""
+    and score them; the result's entries are the graphs' "int8" manifest sections, empty when a bar was missed."""
     import torch
 
     from trainer.export import example_inputs
 
+    require_int8_path(family)
     batches = family.calibration_batches(CALIBRATION_SAMPLES, seed=0)
-    if not batches:
-        raise QuantizeError(f"--quantize int8: {family.name} models have no int8 variant yet (diffusion models do)")
     entries, measured = {}, {}
     for gname, graph_batches in batches.items():
         src, dst = version_dir / manifest["graphs"][gname]["file"], version_dir / f"{gname}.int8.onnx"
@@ -158,7 +162,7 @@ def int8_variants(family: Family, graphs: dict, version_dir: Path, manifest: dic
     def drop(why: str) -> Int8Result:
         for e in entries.values():
             (version_dir / e["file"]).unlink(missing_ok=True)
-        return Int8Result(False, f"int8 variant not written: {why}", {"speed": measured})
+        return Int8Result(f"int8 variant not written: {why}", {})
 
     slow = {g: m["speedup"] for g, m in measured.items() if m["speedup"] < min_speedup}
     if slow:
@@ -175,5 +179,4 @@ def int8_variants(family: Family, graphs: dict, version_dir: Path, manifest: dic
     for gname, e in entries.items():
         e["check"] = {**measured[gname], "eval_n": eval_n, "quality": rows}
     speeds = ", ".join(f"{g} x{m['speedup']:.2f}" for g, m in measured.items())
-    return Int8Result(True, f"int8 variant written: {speeds} at batch {SPEED_BATCH}, gen eval within the bars",
-                      {"entries": entries})
+    return Int8Result(f"int8 variant written: {speeds} at batch {SPEED_BATCH}, gen eval within the bars", entries)
