@@ -21,8 +21,9 @@ TINY: dict[str, dict] = {
 }
 FAMILIES = list(TINY)
 # a tiny student of the tiny diffusion model (exported as tiny-diffusion/1 in tiny_repo): 8 trajectories of 4 steps
-STUDENT = {"distill_from": "", "prediction": "v", "trajectories": 8, "teacher_steps": 4, "student_steps": [1, 2, 4],
-           "student_sampler": {"1": "consistency", "2": "consistency", "4": "ddim"}}  # the shipped student's
+STUDENT = {"distill_from": "", "prediction": "v", "eps_below": 250, "trajectories": 8, "teacher_steps": 4,
+           "student_steps": [1, 2, 4],
+           "student_sampler": {"1": "consistency", "2": "consistency", "4": "ddim"}}  # as shipped, but consistency at 2
 TINY_MODELS = [f"tiny-{f}" for f in FAMILIES] + ["tiny-diffusion-student"]  # what tiny_repo holds
 
 

@@ -193,6 +193,16 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
+        self.eps_below = 0  # set_eps_below
+
+    def set_eps_below(self, below: int, alpha_bar: torch.Tensor) -> None:
+        """A v model whose output is eps at timesteps below `below`, turned into v here (v = (eps - sigma x_t) /
+        alpha): a student of an eps teacher starts there at its teacher's prediction exactly (0: v everywhere).
+        The tables are buffers outside the state dict: checkpoints and the teacher's weights are unchanged."""
+        self.eps_below = below
+        alpha_bar = alpha_bar.to(self.conv_in.weight.device)
+        self.register_buffer("_alpha", alpha_bar.sqrt().float(), persistent=False)
+        self.register_buffer("_sigma", (1 - alpha_bar).sqrt().float(), persistent=False)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None,
                 guidance: torch.Tensor | None = None) -> torch.Tensor:
@@ -211,7 +221,11 @@ class UNet(nn.Module):
             if isinstance(layers[0], ResBlock):
                 h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(layers, h, emb)
-        return self.out(h)
+        out = self.out(h)
+        if self.eps_below:
+            a, s = self._alpha[t][:, None, None, None], self._sigma[t][:, None, None, None]
+            out = torch.where((t < self.eps_below)[:, None, None, None], (out - s * x) / a, out)
+        return out
 
     @staticmethod
     def _run(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

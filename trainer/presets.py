@@ -43,7 +43,7 @@ PRESETS: dict[str, dict] = {
     # teacher): docs/samplers.md, "Few-step students", has how the numbers were chosen
     "diffusion-student": {"family": "diffusion", "data": "mnist", "steps": 4000, "batch_size": 64, "lr": 2e-4,
                           "family_options": {"distill_from": "exported/mnist-diffusion/1", "guidance": 1.25,
-                                             "prediction": "v",
+                                             "prediction": "v", "eps_below": 250,
                                              "trajectories": 10000,
                                              "student_sampler": {"1": "consistency", "2": "ddim", "4": "ddim"}}},
 }

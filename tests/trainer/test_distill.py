@@ -35,6 +35,23 @@ def test_the_teachers_weights_come_back_from_onnx(teacher):
     assert check_same_outputs(teacher, unet.eval(), 10) <= 1e-5
 
 
+def test_eps_below_starts_a_v_student_at_its_teachers_prediction(teacher):
+    c = teacher.config
+    unet = UNet(1, 32, c["width"], tuple(c["channel_mult"]), c["num_res_blocks"], c["attn_resolution"], 0.0, 10,
+                guidance_input=True)
+    unet_from_onnx(teacher.onnx_path, unet)
+    abar = torch.from_numpy(teacher.schedule.abar)
+    x, t, label = torch.randn(2, 1, 32, 32), torch.tensor([100, 600]), torch.tensor([3, 10])
+    with torch.no_grad():
+        eps = unet(x, t, label, torch.ones(2))
+        unet.set_eps_below(250, abar)
+        v = unet(x, t, label, torch.ones(2))
+    a, s = abar[100].sqrt().float(), (1 - abar[100]).sqrt().float()
+    assert torch.allclose(a * x[0] - s * v[0], (x[0] - s * eps[0]) / a, atol=1e-4), "the teacher's x0 below 250"
+    assert torch.equal(v[1], eps[1]), "the U-Net's own output (v) from 250 on"
+    assert "_alpha" not in unet.state_dict(), "checkpoints and the teacher's weights keep their keys"
+
+
 def test_a_mismatched_onnx_file_is_refused(teacher):
     unet = UNet(1, 32, 16, (1, 2), 1, 8, 0.0, 10)  # twice the teacher's width
     with pytest.raises(TeacherError, match="architecture"):
@@ -59,7 +76,8 @@ def test_trajectories_are_a_pure_function_of_the_seed(teacher):
 @pytest.mark.parametrize("extra,match", [
     ({"width": 16}, "width=16"), ({"teacher_steps": 6}, "teacher_steps"), ({"student_steps": [2, 3]}, "student_steps"),
     ({"guidance_range": [2.0, 1.0]}, "guidance_range"), ({"distill_from": "/nowhere"}, "no exported model"),
-    ({"student_sampler": {"4": "ddim"}}, "student_sampler"), ({"student_sampler": "heun"}, "student_sampler")])
+    ({"student_sampler": {"4": "ddim"}}, "student_sampler"), ({"student_sampler": "heun"}, "student_sampler"),
+    ({"eps_below": 250, "prediction": "eps"}, "eps_below")])
 def test_student_options_are_checked(teacher, tmp_path, extra, match):
     config = tiny_config("diffusion", tmp_path / "run", family_options=student_options(teacher, **extra))
     with pytest.raises(ConfigError, match=match):

@@ -82,6 +82,9 @@ class DiffusionConfig(FamilyConfig):
     trajectories: int = 10000  # teacher trajectories, made once at the first step (a pure function of the seed)
     guidance_range: tuple[float, float] = (1.0, 3.0)  # each trajectory's guidance scale is drawn from here
     huber_c: float = 0.0  # Pseudo-Huber constant; 0: 0.00054 sqrt(pixels) (Song & Dhariwal 2023)
+    # a v student of an eps teacher: below this timestep the U-Net still predicts eps, turned into v in the graph
+    # (UNet.set_eps_below), so there it starts at its teacher's prediction exactly; 0: v everywhere
+    eps_below: int = 0
 
 
 # --- schedule ------------------------------------------------------------------------------------
@@ -122,6 +125,8 @@ class Diffusion(Family):
         if config.num_train_timesteps < 2:
             raise ConfigError(f"--set num_train_timesteps={config.num_train_timesteps}: use 2 or more")
         check_config(config, info, cls.name)
+        if config.eps_below and not config.distill_from:
+            raise ConfigError(f"--set eps_below={config.eps_below}: only for a distilled student (distill_from)")
         if config.distill_from:
             cls._check_student(config, info)
 
@@ -170,6 +175,10 @@ class Diffusion(Family):
                               + ", ".join(k for k, v in SAMPLERS.items() if not v.uses_noise(0.0)))
         if config.trajectories < 1:
             raise ConfigError(f"--set trajectories={config.trajectories}: use 1 or more")
+        if config.eps_below and not (config.prediction == "v" and teacher.config.get("prediction") == "eps"
+                                     and 0 < config.eps_below <= config.num_train_timesteps):
+            raise ConfigError(f"--set eps_below={config.eps_below}: only for a v student (prediction=v) of an eps "
+                              f"teacher, between 1 and {config.num_train_timesteps}")
 
     def __init__(self, config: DiffusionConfig, info: DataInfo, device: torch.device):
         super().__init__(config, info, device)
@@ -179,12 +188,14 @@ class Diffusion(Family):
         unet = self.add_net("unet", UNet(info.channels, info.size, config.width, tuple(config.channel_mult),
                                          config.num_res_blocks, config.attn_resolution, config.dropout,
                                          self.num_classes, guidance_input=self.student and self.num_classes > 0))
+        self.alpha_bar = alpha_bar_schedule(config.schedule, config.num_train_timesteps)
+        if config.eps_below:
+            unet.set_eps_below(config.eps_below, self.alpha_bar)
         if self.student:  # the trajectories' seed comes from the run's seed; kept in the checkpoint for resume
             self.trajectory_seed = int(torch.randint(0, 2**31 - 1, ()).item())
             self._pairs: dict[str, torch.Tensor] | None = None
         self.ema = copy.deepcopy(unet).eval().requires_grad_(False)
         self.ema_updates = 0
-        self.alpha_bar = alpha_bar_schedule(config.schedule, config.num_train_timesteps)
         ab = self.alpha_bar.to(device)
         self._sqrt_ab, self._sqrt_1m_ab = ab.sqrt().float(), (1 - ab).sqrt().float()
         self.optimizers["unet"] = torch.optim.AdamW(unet.parameters(), lr=config.lr,
@@ -227,10 +238,12 @@ class Diffusion(Family):
         unknown = [k for k in missing if not k.startswith("guidance_emb.")]
         if unknown:
             raise TeacherError(f"{teacher.onnx_path}: has no weights for {unknown[:3]}: not this architecture")
-        was = unet.training
+        was, below = unet.training, unet.eps_below
         unet.eval()
+        unet.eps_below = 0  # the teacher's own output, eps at every timestep
         check_same_outputs(teacher, unet, self.num_classes)
         unet.train(was)
+        unet.eps_below = below
         self.ema.load_state_dict(unet.state_dict())
 
     def _trajectory_pairs(self) -> dict[str, torch.Tensor]:
