@@ -246,6 +246,24 @@ def cost_vs_batch(models: dict[str, Path], repeats: int, batches=COST_BATCHES, t
     return {"rows": rows, "parameters": params}
 
 
+def float_ceiling(version_dir: Path, batch: int, repeats: int, log=print) -> dict:
+    """What bounds gen / diffusers at `batch`: the denoiser's FLOPs per image-step (counted from the exported graph as
+    case 4 counts them) and this CPU's float32 matrix-multiply peak (bench.roofline.matmul_peak)."""
+    import onnx
+
+    from bench.roofline import count_flops, matmul_peak
+
+    graph = json.loads((version_dir / "manifest.json").read_text())["graphs"]["denoiser"]
+    flops = count_flops(onnx.load(str(version_dir / graph["file"])), batch)
+    peak = matmul_peak(max(3, repeats))
+    out = {"batch": batch, "gflop_per_image_step": sum(flops.values()) / batch / 1e9,
+           "matmul_peak_gflops": peak["onnxruntime_gflops"], "numpy_matmul_gflops": peak["numpy_gflops"],
+           "matmul_n": peak["n"]}
+    log(f"  {out['gflop_per_image_step']:.2f} GFLOP per image-step; float32 {peak['n']}x{peak['n']} MatMul: "
+        f"onnxruntime {out['matmul_peak_gflops']:.1f} GFLOP/s, numpy {out['numpy_matmul_gflops']:.1f}")
+    return out
+
+
 def run(mode: dict, log=print, cache: Path = CACHE) -> dict:
     """Build (once), then the gen-vs-diffusers rows and the cost-vs-batch table; `mode` is bench.__main__.MODES[...]."""
     import torch
@@ -301,9 +319,11 @@ def run(mode: dict, log=print, cache: Path = CACHE) -> dict:
     log("  cost per image-step of the bare denoiser, onnxruntime (and PyTorch eager for the CIFAR U-Net)")
     cost = cost_vs_batch({NAME: repo / NAME / "1", "mnist-diffusion": MNIST}, mode["large_cost_repeats"],
                          torch_unet=pipe.unet, log=log)
+    ceiling = float_ceiling(repo / NAME / "1", requests, mode["large_cost_repeats"], log)
     return {"model": NAME, "config": config, "unet": UNETS[config], "scheduler": "DDIMScheduler",
             "timestep_spacing": "trailing", "requests": requests, "steps": list(steps_list),
             "batch1_images": b1_images, "repeats": repeats, "threads": threads, "rows": rows, "cost": cost,
+            "ceiling": ceiling,
             "server_idle_cpu_seconds": sum(idle_cpu), "server_idle_wall_seconds": sum(idle_wall),
             "parameters": sum(p.numel() for p in pipe.unet.parameters()),
             "export_parity": manifest.get("parity", {}),

@@ -711,6 +711,19 @@ def _large_model(lm: dict, results: dict) -> list[str]:
             out[-1] += (f" At batch 1 PyTorch eager costs {_f(c_1['torch_ms_per_image'])} ms per image-step "
                         f"(x{_f(c_1['torch_ms_per_image'] / c_n['torch_ms_per_image'])} its batch-{n} cost per image): "
                         "what diffusers' batch-1 side pays on every step and gen's batched steps do not.")
+        ceil = lm.get("ceiling")
+        if ceil and ceil.get("batch") == n:
+            g, peak = ceil["gflop_per_image_step"], ceil["matmul_peak_gflops"]
+            ort_rate, torch_rate = g / c_n["ms_per_image"] * 1e3, g / c_n["torch_ms_per_image"] * 1e3
+            out += ["", f"**The float32 ceiling.** The U-Net does {_f(g)} GFLOP per image-step (Conv, ConvTranspose, "
+                    "Gemm and MatMul counted from the exported graph, as in case 4), so at batch "
+                    f"{n} onnxruntime runs it at {_f(ort_rate, 1)} GFLOP/s and PyTorch eager at {_f(torch_rate, 1)}. "
+                    f"A float32 {ceil['matmul_n']}x{ceil['matmul_n']} MatMul, the best case for these kernels, reaches "
+                    f"{_f(peak, 1)} GFLOP/s in onnxruntime (numpy {_f(ceil['numpy_matmul_gflops'], 1)}) on this "
+                    f"CPU in the same run. 2x diffusers' batch {n} needs the U-Net at {_f(2 * torch_rate, 1)} GFLOP/s, "
+                    f"x{_f(2 * torch_rate / peak)} that peak: even at the peak gen / diffusers would be "
+                    f"x{_f(peak / torch_rate)} at this batch, so on this CPU the 2x target is out of reach for the "
+                    "same float32 network whatever the server does."]
     return out + [""]
 
 

@@ -24,6 +24,8 @@ def test_case_6_runs_in_smoke_mode_and_renders(tmp_path):
     assert cost == {(m, b) for m in (large_model.NAME, "mnist-diffusion") for b in large_model.COST_BATCHES}
     assert all("torch_ms" in r for r in result["cost"]["rows"] if r["model"] == large_model.NAME)
     assert result["export_parity"]  # the export's served-loop check against PyTorch
+    ceiling = result["ceiling"]  # the float32 bound the report sets gen / diffusers against
+    assert ceiling["batch"] == n and ceiling["gflop_per_image_step"] > 0 and ceiling["matmul_peak_gflops"] > 0
 
     section = "\n".join(report._large_model(result, {"started": "another run"}))
     assert section.startswith("## Case 6: a real-size model from diffusers")
