@@ -1,6 +1,7 @@
 """The `gen` command line. Heavy imports (torch, onnxruntime, grpc) happen inside each command."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -170,6 +171,10 @@ def distill_cmd(teacher, set_, resume, progress, **options):
         t = load_teacher(teacher)
         student = get_family(get_family(t.manifest["family"]).student_family)  # load_teacher checked it has one
         family_options = {k: t.config[k] for k in (*student.TEACHER_FIELDS, "guidance") if k in t.config}
+        if "eps_below" in {f.name for f in dataclasses.fields(student.Config)}:
+            # the preset keeps an eps teacher's own prediction below its 4-step grid's last timestep (250 of 1000);
+            # a teacher that predicts v has none to keep
+            family_options["eps_below"] = t.schedule.T // 4 if t.schedule.prediction == "eps" else 0
         family_options.update(distill_from=str(t.path), **_parse_set(set_))
         given = {k: v for k, v in options.items() if v is not None}
         given.setdefault("run_dir", f"runs/{t.manifest['name']}-student")

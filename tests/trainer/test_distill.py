@@ -116,6 +116,7 @@ def test_gen_distill_trains_a_student_and_says_what_is_wrong(teacher, tmp_path):
     assert record["family"]["distill_from"] == str(teacher.path) and record["family"]["width"] == 8
     # the teacher predicts eps; its student predicts v (x0 = a x_t - s v: one step needs no division by a)
     assert teacher.config["prediction"] == "eps" and record["family"]["prediction"] == "v"
+    assert record["family"]["eps_below"] == teacher.schedule.T // 4 == 250, "the preset's, scaled to the teacher's T"
     assert "distilled 2 steps" in done.stdout
 
     bad = subprocess.run([sys.executable, "-m", "gen.cli", "distill", str(tmp_path / "missing")],

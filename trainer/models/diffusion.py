@@ -178,7 +178,7 @@ class Diffusion(Family):
         if config.eps_below and not (config.prediction == "v" and teacher.config.get("prediction") == "eps"
                                      and 0 < config.eps_below <= config.num_train_timesteps):
             raise ConfigError(f"--set eps_below={config.eps_below}: only for a v student (prediction=v) of an eps "
-                              f"teacher, between 1 and {config.num_train_timesteps}")
+                              f"teacher, between 1 and {config.num_train_timesteps}; --set eps_below=0 turns it off")
 
     def __init__(self, config: DiffusionConfig, info: DataInfo, device: torch.device):
         super().__init__(config, info, device)
