@@ -335,7 +335,10 @@ def models_cmd(repo, verify, triton_out):
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="int8: score the graphs' int8 variants (gen export --quantize int8) as `gen serve --precision "
               "int8` runs them.")
-def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, sweep_steps, precision):
+@click.option("--seeds", "seeds_spec", help="Score at each of these seeds instead of one (e.g. 0-9 or 0,4,7) and "
+              "print each metric's mean, standard deviation and range over them: at n = 1,000 one seed's Frechet "
+              "distance moves by tens of percent, so compare models over several. With --check every seed must pass.")
+def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, sweep_steps, precision, seeds_spec):
     """Score MODELS (default: every trained model in --repo; not imported graphs) through the serving runtime.
 
     Generators: Frechet distance in the feature space of a classifier trained on the training split,
@@ -350,9 +353,19 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, 
     from pathlib import Path
 
     from serve.manifest import scan_repository
-    from trainer.evaluate import EvalConfig, EvalError, evaluate_all
+    from trainer.evaluate import EvalConfig, EvalError, across_seeds, evaluate_all, parse_seeds
     from trainer.loop import atomic_write
 
+    seeds = [seed]
+    if seeds_spec:
+        if click.get_current_context().get_parameter_source("seed") is not click.core.ParameterSource.DEFAULT:
+            raise UserError("--seed and --seeds: give one of them")
+        if sweep_steps:
+            raise UserError("--sweep scores one seed: run it once per --seed instead of --seeds")
+        try:
+            seeds = parse_seeds(seeds_spec)
+        except EvalError as e:
+            raise UserError(str(e)) from None
     root = Path(repo)
     if not root.is_dir():
         raise UserError(f"--repo {repo}: no such folder; export a model with `gen export RUN_DIR --name NAME`")
@@ -364,12 +377,15 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, 
     if sweep_steps:
         return _sweep(root, names, config, sweep_steps, json_path)
     reports = []
-    for name in names:
+    for name, at_seed in ((name, s) for name in names for s in seeds):
         try:
-            found = evaluate_all(root, name, config=config, log=lambda msg: click.echo(f"  {msg}", err=True))
+            found = evaluate_all(root, name, config=dataclasses.replace(config, seed=at_seed),
+                                 log=lambda msg: click.echo(f"  {msg}", err=True))
         except EvalError as e:
             raise UserError(str(e)) from None
         for report in found:
+            if seeds_spec:
+                report.details["seed"] = at_seed
             reports.append(report)
             sampling = report.details.get("sampling")
             at = f", {sampling['sampler']} {sampling['steps']} steps" if sampling else ""
@@ -379,11 +395,14 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, 
                 click.echo(f"  {metric.line()}")
             for key, value in report.details.items():
                 click.echo(f"  {key}: {value}")
+    if seeds_spec:
+        for line in across_seeds(reports):
+            click.echo(line)
     if json_path:
         text = json.dumps([r.as_dict() for r in reports], indent=2) + "\n"
         atomic_write(Path(json_path), lambda f: f.write(text.encode()))
     if check and not all(r.passed for r in reports):
-        failed = [r.model for r in reports if not r.passed]
+        failed = list(dict.fromkeys(r.model for r in reports if not r.passed))  # once, whatever the seeds
         raise UserError(f"below the quality bar: {', '.join(failed)}", code=1)
 
 

@@ -76,11 +76,13 @@ class Metric:
     bar: str = ""  # the project's quality bar for shipped models, e.g. ">= 0.9"; empty: reported only
     passed: bool | None = None
 
+    def shown(self) -> str:
+        return f"{self.value:.4g}{self.unit}" if self.unit != "%" else f"{100 * self.value:.1f}%"
+
     def line(self) -> str:
-        v = f"{self.value:.4g}" if self.unit != "%" else f"{100 * self.value:.1f}"
         verdict = "" if self.passed is None else ("  ok" if self.passed else "  BELOW BAR")
         bar = f"  (bar {self.bar})" if self.bar else ""
-        return f"{self.name:<36} {v}{self.unit}{bar}{verdict}"
+        return f"{self.name:<36} {self.shown()}{bar}{verdict}"
 
 
 @dataclass
@@ -322,6 +324,51 @@ def evaluate_all(repo: str | Path, model: str, config: EvalConfig | None = None,
     if newest and newest[0].manifest.student is not None:
         return [evaluate(repo, model, config=c, log=log) for c in sampling_settings(newest[0].manifest, cfg)]
     return [evaluate(repo, model, config=cfg, log=log)]
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """`gen eval --seeds`: "0-9", "0,4,7" or both ("0-2,7"); each seed once, in the order given."""
+    seeds: list[int] = []
+    try:
+        for part in spec.split(","):
+            first, _, last = part.strip().partition("-")
+            if last and int(last) < int(first):
+                raise ValueError(part)
+            seeds += range(int(first), int(last) + 1) if last else [int(first)]
+    except ValueError:
+        raise EvalError(f"--seeds {spec}: use seeds and ranges of them separated by commas, e.g. 0-9 or 0,4,7") \
+            from None
+    return list(dict.fromkeys(seeds))
+
+
+def across_seeds(reports: list[Report]) -> list[str]:
+    """Lines that summarise the reports of each model and setting over the seeds they were scored at: per metric
+    the mean, the standard deviation and the range, and at how many seeds it met its bar."""
+    import json
+    import statistics
+
+    groups: dict[tuple, list[Report]] = {}
+    for r in reports:
+        groups.setdefault((r.model, r.version, json.dumps(r.details.get("sampling"), sort_keys=True)), []).append(r)
+    lines = []
+    for group in groups.values():
+        first = group[0]
+        sampling = first.details.get("sampling")
+        at = f", {sampling['sampler']} {sampling['steps']} steps" if sampling else ""
+        seeds = [r.details.get("seed") for r in group]
+        lines.append(f"{first.model} v{first.version}{at}: {len(group)} seeds ({', '.join(map(str, seeds))})")
+        for i, metric in enumerate(first.metrics):
+            found = [r.metrics[i] for r in group if i < len(r.metrics) and r.metrics[i].name == metric.name]
+            values = [m.value for m in found]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            mean, low, high = (Metric(metric.name, v, metric.unit).shown() for v in
+                               (statistics.fmean(values), min(values), max(values)))
+            line = f"  {metric.name:<36} mean {mean}  sd {Metric('', sd, metric.unit).shown()}  {low} to {high}"
+            judged = [m.passed for m in found if m.passed is not None]
+            if judged:
+                line += f"  bar met at {sum(judged)} of {len(judged)}"
+            lines.append(line)
+    return lines
 
 
 def _conditional(m) -> bool:

@@ -197,3 +197,28 @@ def test_gen_eval_cli_writes_json_and_check_fails_below_the_bar(tiny_repo, cache
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.startswith("gen: error:") and "nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_gen_eval_seeds_scores_each_seed_and_summarises_them(tiny_repo, cache, tmp_path):
+    out = tmp_path / "seeds.json"
+    env = {"GEN_CACHE": str(cache), "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}
+    cmd = [sys.executable, "-m", "gen", "eval", "tiny-gan", "--repo", str(tiny_repo / "exported"), "-n", "20"]
+    run = subprocess.run(cmd + ["--seeds", "0-1,3", "--json", str(out)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    reports = json.loads(out.read_text())
+    assert [r["details"]["seed"] for r in reports] == [0, 1, 3]
+    alone = evaluate(tiny_repo / "exported", "tiny-gan", config=EvalConfig(n=20, seed=3, cache=cache),
+                     log=lambda msg: None)
+    assert [m["value"] for m in reports[2]["metrics"]] == pytest.approx([m.value for m in alone.metrics], rel=1e-6), \
+        "the seed's own scores"
+    ratios = [next(m["value"] for m in r["metrics"] if m["name"] == "frechet / baseline") for r in reports]
+    assert len(set(ratios)) == 3, "each seed draws its own samples"
+    summary = run.stdout[run.stdout.index("tiny-gan v1: 3 seeds (0, 1, 3)"):]
+    assert f"mean {np.mean(ratios):.4g}" in next(x for x in summary.splitlines() if "frechet / baseline" in x)
+
+    for extra, match in ((["--seeds", "2-1"], "--seeds 2-1"),
+                         (["--seeds", "0-1", "--seed", "4"], "--seed and --seeds")):
+        bad = subprocess.run(cmd + extra, capture_output=True, text=True, env=env, timeout=120)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and match in bad.stderr
