@@ -328,7 +328,9 @@ def models_cmd(repo, verify, triton_out):
               help="Diffusion sampler. [default: ddim; a distilled student: its own]")
 @click.option("--steps", type=int, help="Diffusion steps. [default: 50; a distilled student: each of its counts]")
 @click.option("--guidance", type=float, help="Diffusion guidance scale. [default: the model's]")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the reports as JSON.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Also write the reports as JSON; a report replaces the file's row of the same model and setting, "
+              "and its other rows stay.")
 @click.option("--check", is_flag=True, help="Exit 1 when a metric misses the project's quality bar.")
 @click.option("--sweep", "sweep_steps", help="Diffusion: score every sampler at these step counts (e.g. 5,10,20,50) "
               "instead of one setting; with --json, settings already in the file are kept (a rerun resumes).")
@@ -353,7 +355,7 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, 
     from pathlib import Path
 
     from serve.manifest import scan_repository
-    from trainer.evaluate import EvalConfig, EvalError, across_seeds, evaluate_all, parse_seeds
+    from trainer.evaluate import EvalConfig, EvalError, across_seeds, evaluate_all, merge_reports, parse_seeds
     from trainer.loop import atomic_write
 
     seeds = [seed]
@@ -366,6 +368,8 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, 
             seeds = parse_seeds(seeds_spec)
         except EvalError as e:
             raise UserError(str(e)) from None
+    if json_path and not sweep_steps:
+        _report_rows(json_path)  # a file that cannot take the reports is refused before minutes of scoring
     root = Path(repo)
     if not root.is_dir():
         raise UserError(f"--repo {repo}: no such folder; export a model with `gen export RUN_DIR --name NAME`")
@@ -399,11 +403,25 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, 
         for line in across_seeds(reports):
             click.echo(line)
     if json_path:
-        text = json.dumps([r.as_dict() for r in reports], indent=2) + "\n"
+        text = json.dumps(merge_reports(_report_rows(json_path), reports), indent=2) + "\n"
         atomic_write(Path(json_path), lambda f: f.write(text.encode()))
     if check and not all(r.passed for r in reports):
         failed = list(dict.fromkeys(r.model for r in reports if not r.passed))  # once, whatever the seeds
         raise UserError(f"below the quality bar: {', '.join(failed)}", code=1)
+
+
+def _report_rows(json_path: str) -> list[dict]:
+    """The reports a `gen eval --json` file holds already; none when it does not exist."""
+    from pathlib import Path
+
+    path = Path(json_path)
+    try:
+        rows = json.loads(path.read_text()) if path.is_file() else []
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"--json {json_path}: cannot read it as gen eval's reports ({e}); give another path") from None
+    if not (isinstance(rows, list) and all(isinstance(r, dict) and "model" in r and "metrics" in r for r in rows)):
+        raise UserError(f"--json {json_path}: not a file of gen eval's reports; give another path")
+    return rows
 
 
 def _sweep(root, names: list[str], config, sweep_steps: str, json_path: str | None) -> None:

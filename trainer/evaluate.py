@@ -371,6 +371,20 @@ def across_seeds(reports: list[Report]) -> list[str]:
     return lines
 
 
+def merge_reports(rows: list[dict], reports: list[Report]) -> list[dict]:
+    """`gen eval --json` into a file that holds reports already: a report replaces the row of the same model and
+    setting (sampler and steps, precision, seed) where that row was, and the other rows stay."""
+    import json
+
+    def key(row: dict) -> str:
+        d = row.get("details", {})
+        return json.dumps([row.get("model"), d.get("sampling"), d.get("precision"), d.get("seed")], sort_keys=True)
+
+    fresh = {key(r.as_dict()): r.as_dict() for r in reports}
+    merged = [fresh.pop(key(row), row) for row in rows]
+    return merged + list(fresh.values())
+
+
 def _conditional(m) -> bool:
     spec = FAMILIES[m.family]
     graph = spec.generator or spec.denoiser

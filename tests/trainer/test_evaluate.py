@@ -222,3 +222,28 @@ def test_gen_eval_seeds_scores_each_seed_and_summarises_them(tiny_repo, cache, t
         bad = subprocess.run(cmd + extra, capture_output=True, text=True, env=env, timeout=120)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1 and match in bad.stderr
+
+
+def test_gen_eval_json_replaces_its_own_rows_and_keeps_the_others(tiny_repo, cache, tmp_path):
+    out = tmp_path / "quality.json"
+    env = {"GEN_CACHE": str(cache), "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}
+
+    def gen_eval(*args):
+        return subprocess.run([sys.executable, "-m", "gen", "eval", *args, "--repo", str(tiny_repo / "exported"),
+                               "-n", "20", "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
+
+    assert gen_eval("tiny-gan", "tiny-vae").returncode == 0
+    first = json.loads(out.read_text())
+    assert gen_eval("tiny-gan", "--seed", "1").returncode == 0
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == ["tiny-gan", "tiny-vae"], "replaced where it was; the VAE's row kept"
+    assert rows[1] == first[1] and rows[0]["metrics"] != first[0]["metrics"]
+    assert gen_eval("tiny-gan", "--seeds", "0-1").returncode == 0
+    rows = json.loads(out.read_text())
+    assert [(r["model"], r["details"].get("seed")) for r in rows] == [
+        ("tiny-gan", None), ("tiny-vae", None), ("tiny-gan", 0), ("tiny-gan", 1)], "a seed of --seeds is its own row"
+
+    out.write_text("not json")
+    bad = gen_eval("tiny-gan")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--json" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and out.read_text() == "not json"
