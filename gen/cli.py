@@ -329,8 +329,8 @@ def models_cmd(repo, verify, triton_out):
 @click.option("--steps", type=int, help="Diffusion steps. [default: 50; a distilled student: each of its counts]")
 @click.option("--guidance", type=float, help="Diffusion guidance scale. [default: the model's]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
-              help="Also write the reports as JSON; a report replaces the file's row of the same model and setting, "
-              "and its other rows stay.")
+              help="Also write the reports as JSON; a report replaces the file's row of the same model, setting and "
+              "seed, and its other rows stay.")
 @click.option("--check", is_flag=True, help="Exit 1 when a metric misses the project's quality bar.")
 @click.option("--sweep", "sweep_steps", help="Diffusion: score every sampler at these step counts (e.g. 5,10,20,50) "
               "instead of one setting; with --json, settings already in the file are kept (a rerun resumes).")
@@ -388,8 +388,6 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, 
         except EvalError as e:
             raise UserError(str(e)) from None
         for report in found:
-            if seeds_spec:
-                report.details["seed"] = at_seed
             reports.append(report)
             sampling = report.details.get("sampling")
             at = f", {sampling['sampler']} {sampling['steps']} steps" if sampling else ""

@@ -310,6 +310,7 @@ def evaluate(repo: str | Path, model: str, version: int | None = None, config: E
         scorer(rt, m, data, cfg, cache, report, log)
         if cfg.precision != "fp32":
             report.details["precision"] = cfg.precision
+        report.details["seed"] = cfg.seed
     report.seconds = round(time.perf_counter() - t0, 1)
     return report
 
@@ -378,7 +379,8 @@ def merge_reports(rows: list[dict], reports: list[Report]) -> list[dict]:
 
     def key(row: dict) -> str:
         d = row.get("details", {})
-        return json.dumps([row.get("model"), d.get("sampling"), d.get("precision"), d.get("seed")], sort_keys=True)
+        # rows written before reports carried their seed were made at the default seed, 0
+        return json.dumps([row.get("model"), d.get("sampling"), d.get("precision"), d.get("seed", 0)], sort_keys=True)
 
     fresh = {key(r.as_dict()): r.as_dict() for r in reports}
     merged = [fresh.pop(key(row), row) for row in rows]
