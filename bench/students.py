@@ -60,7 +60,7 @@ def _images_per_s(target: str, model: str, sampler: str | None, steps: int | Non
 
 
 def quality(model: str, sampler: str, steps: int, precision: str = "fp32") -> dict | None:
-    """gen eval's class accuracy and Frechet ratio for this setting, from the committed eval files."""
+    """gen eval's class accuracy and Frechet ratio for this setting at seed 0, from the committed eval files."""
     for name in QUALITY_FILES:
         path = ROOT / name
         if not path.is_file():
@@ -68,7 +68,7 @@ def quality(model: str, sampler: str, steps: int, precision: str = "fp32") -> di
         for report in json.loads(path.read_text()):
             s = report.get("details", {}).get("sampling", {})
             if report["model"] == model and s.get("sampler") == sampler and s.get("steps") == steps and \
-                    report["details"].get("precision", "fp32") == precision:
+                    report["details"].get("precision", "fp32") == precision and report["details"].get("seed", 0) == 0:
                 m = {x["name"]: x["value"] for x in report["metrics"]}
                 return {"class_accuracy": m.get("class accuracy"), "frechet_ratio": m.get("frechet / baseline"),
                         "n": report["details"].get("frechet_samples"), "file": name}
