@@ -368,8 +368,8 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, 
             seeds = parse_seeds(seeds_spec)
         except EvalError as e:
             raise UserError(str(e)) from None
-    if json_path and not sweep_steps:
-        _report_rows(json_path)  # a file that cannot take the reports is refused before minutes of scoring
+    # a file that cannot take the reports is refused before minutes of scoring
+    rows = _report_rows(json_path) if json_path and not sweep_steps else []
     root = Path(repo)
     if not root.is_dir():
         raise UserError(f"--repo {repo}: no such folder; export a model with `gen export RUN_DIR --name NAME`")
@@ -401,7 +401,7 @@ def eval_cmd(models, repo, n, seed, sampler, steps, guidance, json_path, check, 
         for line in across_seeds(reports):
             click.echo(line)
     if json_path:
-        text = json.dumps(merge_reports(_report_rows(json_path), reports), indent=2) + "\n"
+        text = json.dumps(merge_reports(rows, reports), indent=2) + "\n"
         atomic_write(Path(json_path), lambda f: f.write(text.encode()))
     if check and not all(r.passed for r in reports):
         failed = list(dict.fromkeys(r.model for r in reports if not r.passed))  # once, whatever the seeds

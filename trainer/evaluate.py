@@ -26,7 +26,9 @@ import asyncio
 import dataclasses
 import hashlib
 import io
+import json
 import os
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -76,13 +78,14 @@ class Metric:
     bar: str = ""  # the project's quality bar for shipped models, e.g. ">= 0.9"; empty: reported only
     passed: bool | None = None
 
-    def shown(self) -> str:
-        return f"{self.value:.4g}{self.unit}" if self.unit != "%" else f"{100 * self.value:.1f}%"
-
     def line(self) -> str:
         verdict = "" if self.passed is None else ("  ok" if self.passed else "  BELOW BAR")
         bar = f"  (bar {self.bar})" if self.bar else ""
-        return f"{self.name:<36} {self.shown()}{bar}{verdict}"
+        return f"{self.name:<36} {_shown(self.value, self.unit)}{bar}{verdict}"
+
+
+def _shown(value: float, unit: str) -> str:
+    return f"{value:.4g}{unit}" if unit != "%" else f"{100 * value:.1f}%"
 
 
 @dataclass
@@ -345,9 +348,6 @@ def parse_seeds(spec: str) -> list[int]:
 def across_seeds(reports: list[Report]) -> list[str]:
     """Lines that summarise the reports of each model and setting over the seeds they were scored at: per metric
     the mean, the standard deviation and the range, and at how many seeds it met its bar."""
-    import json
-    import statistics
-
     groups: dict[tuple, list[Report]] = {}
     for r in reports:
         groups.setdefault((r.model, r.version, json.dumps(r.details.get("sampling"), sort_keys=True)), []).append(r)
@@ -358,13 +358,13 @@ def across_seeds(reports: list[Report]) -> list[str]:
         at = f", {sampling['sampler']} {sampling['steps']} steps" if sampling else ""
         seeds = [r.details.get("seed") for r in group]
         lines.append(f"{first.model} v{first.version}{at}: {len(group)} seeds ({', '.join(map(str, seeds))})")
-        for i, metric in enumerate(first.metrics):
-            found = [r.metrics[i] for r in group if i < len(r.metrics) and r.metrics[i].name == metric.name]
+        for metric in first.metrics:
+            found = [m for r in group for m in r.metrics if m.name == metric.name]
             values = [m.value for m in found]
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            mean, low, high = (Metric(metric.name, v, metric.unit).shown() for v in
-                               (statistics.fmean(values), min(values), max(values)))
-            line = f"  {metric.name:<36} mean {mean}  sd {Metric('', sd, metric.unit).shown()}  {low} to {high}"
+            mean, spread, low, high = (_shown(v, metric.unit) for v in
+                                       (statistics.fmean(values), sd, min(values), max(values)))
+            line = f"  {metric.name:<36} mean {mean}  sd {spread}  {low} to {high}"
             judged = [m.passed for m in found if m.passed is not None]
             if judged:
                 line += f"  bar met at {sum(judged)} of {len(judged)}"
@@ -375,8 +375,6 @@ def across_seeds(reports: list[Report]) -> list[str]:
 def merge_reports(rows: list[dict], reports: list[Report]) -> list[dict]:
     """`gen eval --json` into a file that holds reports already: a report replaces the row of the same model and
     setting (sampler and steps, precision, seed) where that row was, and the other rows stay."""
-    import json
-
     def key(row: dict) -> str:
         d = row.get("details", {})
         # rows written before reports carried their seed were made at the default seed, 0
